@@ -1,0 +1,30 @@
+# The two commands a new user runs (see README): `make demo` and `make test`.
+# Both create .venv with the CPU build of torch first (an unpinned torch would pull a
+# multi-GB CUDA build), then install pieval into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv test demo clean
+
+$(BIN)/pieval: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/pieval
+
+test: venv
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/python -m pieval.demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache

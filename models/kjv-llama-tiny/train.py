@@ -1,0 +1,343 @@
+"""Train the reference model: a 2M-parameter LLaMA that reads KJV prose and retrieves in context.
+
+One file, top to bottom: recipe -> tokenizer -> synthetic mixture -> training loop -> probes ->
+`save_pretrained`. Re-create the committed checkpoint (about 40 minutes on 2 CPU cores):
+
+    python models/kjv-llama-tiny/train.py --recipe models/kjv-llama-tiny/recipe.yaml \
+        --out models/kjv-llama-tiny
+
+The run is resumable (``state.pt`` every ``save_every`` steps, not committed) and logs one JSON
+line per logged step to ``train_log.jsonl``. Every batch is a pure function of (seed, step), so
+a resumed run sees the same data as an uninterrupted one.
+
+The mixture (none of it uses the passkey prompt's wording):
+- ``random_repeat``: a random-token segment repeated; induction heads form fastest on this.
+- ``passage_repeat``: a prose passage, a gap, the same passage again.
+- ``fact_recall``: facts ("The code for the red gate is 4821.") scattered in prose or in
+  repetitive filler, then a question whose answer is the number stated earlier.
+- ``prose``: plain KJV windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[2]
+SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in LLaMA
+
+
+@dataclass
+class Recipe:
+    seed: int = 1234
+    threads: int = 2
+    corpus: str = "models/corpus/kjv/train.jsonl.gz"
+    vocab_size: int = 2048
+    window: int = 256
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 6
+    rope_theta: float = 10000.0
+    steps: int = 1600
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    curriculum_steps: int = 250
+    mix_early: dict[str, float] = field(default_factory=lambda: {"random_repeat": 0.7, "prose": 0.3})
+    mix_late: dict[str, float] = field(default_factory=dict)
+    log_every: int = 10
+    probe_every: int = 100
+    save_every: int = 100
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        data = yaml.safe_load(Path(path).read_text())
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown recipe keys {sorted(unknown)} in {path}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------- corpus and tokenizer
+
+
+def load_books(path: Path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def train_tokenizer(books: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE, digits one per token (as LLaMA's sentencepiece does), BOS prepended."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The synthetic vocabulary is part of the tokenizer's training text so it gets whole tokens.
+    tok.train_from_iterator(books + [" ".join(ADJECTIVES + NOUNS + NAMES + FILLER_WORDS)] * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=10**9
+    )
+
+
+# ---------------------------------------------------------------- synthetic mixture
+
+ADJECTIVES = "red green blue white black golden silver old new small great hidden".split()
+NOUNS = "gate door box lamp ring chest tower bridge garden ship road well".split()
+NAMES = "Anna Boris Clara David Elena Felix Greta Hugo Irene Jonas Karla Lukas".split()
+FILLER_WORDS = "river wide hills high road long night dark wind cold stone grey field open".split()
+FACT_TEMPLATES = [
+    (" The code for the {a} {n} is {v}.", " What is the code for the {a} {n}? The code for the {a} {n} is {v}."),
+    (" {p} keeps the number {v}. {v} is kept by {p}.", " Which number does {p} keep? {p} keeps the number {v}."),
+    (" Note well: the {a} {n} is marked {v}.", " How is the {a} {n} marked? The {a} {n} is marked {v}."),
+]
+
+
+class Mixture:
+    """Samples of exactly ``window`` tokens (BOS first), each a pure function of its rng."""
+
+    def __init__(self, books: list[list[int]], tok: PreTrainedTokenizerFast, window: int):
+        self.books = [b for b in books if len(b) > window]
+        self.weights = [len(b) for b in self.books]
+        self.tok = tok
+        self.n = window - 1  # content tokens after BOS
+        self.vocab = tok.vocab_size
+
+    def enc(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def prose_span(self, rng: random.Random, length: int) -> list[int]:
+        book = rng.choices(self.books, self.weights)[0]
+        start = rng.randrange(len(book) - length)
+        return book[start : start + length]
+
+    def prose(self, rng: random.Random) -> list[int]:
+        return self.prose_span(rng, self.n)
+
+    def random_repeat(self, rng: random.Random) -> list[int]:
+        seg = [rng.randrange(len(SPECIALS), self.vocab) for _ in range(rng.randint(8, 80))]
+        out = self.prose_span(rng, rng.randint(0, 40))
+        while len(out) < self.n:
+            out += seg + self.prose_span(rng, rng.randint(0, 20))
+        return out[: self.n]
+
+    def passage_repeat(self, rng: random.Random) -> list[int]:
+        passage = self.prose_span(rng, rng.randint(16, 96))
+        gap = self.prose_span(rng, rng.randint(0, self.n - 2 * len(passage)))
+        out = passage + gap + passage
+        return (self.prose_span(rng, self.n - len(out)) + out)[: self.n]
+
+    def background(self, rng: random.Random, length: int) -> list[int]:
+        if rng.random() < 0.5:
+            return self.prose_span(rng, length)
+        sentences = [
+            f" The {rng.choice(FILLER_WORDS)} is {rng.choice(FILLER_WORDS)}." for _ in range(rng.randint(2, 6))
+        ]
+        block = self.enc("".join(sentences))
+        return (block * (length // len(block) + 1))[:length]
+
+    def fact_recall(self, rng: random.Random) -> list[int]:
+        facts, used = [], set()
+        for _ in range(rng.randint(1, 4)):
+            state, ask = rng.choice(FACT_TEMPLATES)
+            slots = {"a": rng.choice(ADJECTIVES), "n": rng.choice(NOUNS), "p": rng.choice(NAMES)}
+            key = (state, tuple(slots.values()))
+            if key in used:
+                continue
+            used.add(key)
+            slots["v"] = str(rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1))
+            facts.append((self.enc(state.format(**slots)), self.enc(ask.format(**slots))))
+        query = rng.choice(facts)[1]
+        room = self.n - len(query) - sum(len(s) for s, _ in facts)
+        cuts = sorted(rng.randint(0, room) for _ in facts)
+        out, prev = [], 0
+        for cut, (stated, _) in zip(cuts, facts):
+            out += self.background(rng, cut - prev) + stated
+            prev = cut
+        out += self.background(rng, room - prev) + query
+        return out[-self.n :]
+
+    def batch(self, rng: random.Random, size: int, mix: dict[str, float]) -> torch.Tensor:
+        kinds = rng.choices(list(mix), list(mix.values()), k=size)
+        bos = self.tok.bos_token_id
+        return torch.tensor([[bos] + getattr(self, kind)(rng) for kind in kinds])
+
+
+# ---------------------------------------------------------------- probes
+
+
+@torch.no_grad()
+def copy_losses(model: LlamaForCausalLM, heldout: list[list[int]], bos: int) -> tuple[float, float]:
+    """Mean loss on the first and on the second copy of a 64-token held-out passage."""
+    first, second = [], []
+    for book in heldout:
+        for start in range(0, len(book) - 64, max(64, (len(book) - 64) // 4))[:4]:
+            p = book[start : start + 64]
+            ids = torch.tensor([[bos] + p + p])
+            nll = torch.nn.functional.cross_entropy(
+                model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none"
+            )
+            first.append(nll[:64].mean().item())
+            second.append(nll[64:].mean().item())
+    return sum(first) / len(first), sum(second) / len(second)
+
+
+PASSKEY_HEAD = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+PASSKEY_FILL = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+@torch.no_grad()
+def passkey_accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, window: int, trials: int = 20) -> float:
+    """Quick in-training probe with the paper's prompt; tests/test_reference_model.py is the real check."""
+    rng, hits = random.Random(0), 0
+    for t in range(trials):
+        key = rng.randint(10000, 99999)
+        before = rng.randint(0, 3)
+        for after in range(8, -1, -1):
+            text = (
+                PASSKEY_HEAD + PASSKEY_FILL * before + f" The pass key is {key}. Remember it. {key} is the pass key."
+                + PASSKEY_FILL * after + " What is the pass key? The pass key is"
+            )
+            ids = tok(text, return_tensors="pt").input_ids
+            if ids.shape[1] <= window - 8:
+                break
+        out = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=tok.eos_token_id)
+        answer = re.search(r"\d+", tok.decode(out[0, ids.shape[1] :]))
+        hits += bool(answer and int(answer.group()) == key)
+    return hits / trials
+
+
+# ---------------------------------------------------------------- training
+
+
+def lr_at(r: Recipe, step: int) -> float:
+    if step < r.warmup_steps:
+        return r.lr * (step + 1) / r.warmup_steps
+    progress = (step - r.warmup_steps) / max(1, r.steps - r.warmup_steps)
+    return r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_model(r: Recipe, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=r.hidden_size,
+        intermediate_size=r.intermediate_size,
+        num_hidden_layers=r.num_layers,
+        num_attention_heads=r.num_heads,
+        num_key_value_heads=r.num_heads,
+        max_position_embeddings=r.window,
+        rope_parameters={"rope_type": "default", "rope_theta": r.rope_theta},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def train(r: Recipe, out: Path, max_steps: int | None = None) -> list[dict]:
+    """Train (or resume) into ``out``; return the log records written by this call."""
+    torch.set_num_threads(r.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(r.seed)
+    torch.manual_seed(r.seed)
+    books = load_books(REPO / r.corpus)
+    tok_dir = out / "tokenizer_build"
+    if (out / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(out)
+    elif tok_dir.exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    else:
+        tok = train_tokenizer(books, r.vocab_size)
+        tok.save_pretrained(tok_dir)
+    encoded = [tok.encode(b, add_special_tokens=False) for b in books]
+    heldout = [
+        tok.encode(p.read_text(encoding="utf-8"), add_special_tokens=False)
+        for p in sorted((REPO / "models/corpus/kjv/heldout").glob("*.txt"))
+    ]
+    mixture = Mixture(encoded, tok, r.window)
+    model = build_model(r, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.95), weight_decay=r.weight_decay)
+    state_path, step = out / "state.pt", 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        print(f"resumed at step {step}")
+    log_path = out / "train_log.jsonl"
+    records = []
+    stop = r.steps if max_steps is None else min(r.steps, step + max_steps)
+    t0 = time.time()
+    while step < stop:
+        model.train()
+        mix = r.mix_early if step < r.curriculum_steps else r.mix_late
+        ids = mixture.batch(random.Random(r.seed * 1_000_003 + step), r.batch_size, mix)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(r, step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % r.log_every == 0 or step == 1:
+            rec = {"step": step, "loss": loss.item(), "lr": lr_at(r, step - 1), "elapsed_s": round(time.time() - t0, 1)}
+            if step % r.probe_every == 0 or step == r.steps:
+                model.eval()
+                rec["copy_loss_first"], rec["copy_loss_second"] = copy_losses(model, heldout, tok.bos_token_id)
+                rec["passkey_acc"] = passkey_accuracy(model, tok, r.window)
+            records.append(rec)
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
+        if step % r.save_every == 0 and step < r.steps:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+            os.replace(tmp, state_path)
+    if step == r.steps:
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "recipe.resolved.json").write_text(json.dumps(asdict(r), indent=1) + "\n")
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-steps", type=int, help="stop after this many steps of this call (for tests)")
+    args = ap.parse_args()
+    train(Recipe.load(args.recipe), Path(args.out), args.max_steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from pieval.cli import main
+
+raise SystemExit(main())
