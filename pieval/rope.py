@@ -1,0 +1,322 @@
+"""RoPE context extension: resolve a request against a checkpoint, set it before build, check it after.
+
+Position Interpolation (Chen et al. 2023, section 2.2) runs position m as m·L/L' = m/s.
+transformers spells that ``rope_type="linear"`` (``inv_freq / s``), so a PI checkpoint
+written here loads anywhere. The other methods (``ntk``, ``dynamic``, ``yarn``) exist for
+side-by-side comparison and go through transformers' own rope functions.
+
+The factor s is always relative to the checkpoint's *base* window L (the window it was
+pre-trained on), never to whatever ``max_position_embeddings`` an extended checkpoint
+records, so asking an s=4 checkpoint for s=4 again changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pieval.errors import UserError
+
+# pieval method -> the transformers rope_type a model built with it runs
+ROPE_TYPES: dict[str, str] = {
+    "pi": "linear",  # Chen et al. 2023: positions m/s
+    "ntk": "default",  # "NTK-aware" static base change (bloc97): theta · s^(d/(d-2))
+    "dynamic": "dynamic",  # dynamic NTK: base grows with the running sequence length past L
+    "yarn": "yarn",  # Peng et al. 2023
+}
+AS_SAVED = "none"  # method of a spec that leaves the checkpoint as saved
+
+
+class RopeMismatchError(RuntimeError):
+    """A built model's live rotary frequencies differ from the requested extension."""
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """One context extension of one checkpoint.
+
+    ``method`` is "pi", "ntk", "dynamic", "yarn", or "none" (= the checkpoint as saved,
+    whose recorded factor and window are then reported here).
+    """
+
+    method: str
+    factor: float  # s = L'/L, relative to base_window (1.0 = unscaled)
+    base_window: int  # L, the window the checkpoint was pre-trained on
+    context_length: int  # L' = round(s·L)
+    theta: float  # the checkpoint's rope_theta (kept; "ntk" derives its own from it)
+
+    @property
+    def rope_type(self) -> str | None:
+        """The transformers rope_type this spec builds; None for "none" (whatever was saved)."""
+        return ROPE_TYPES.get(self.method)
+
+
+# ---------------------------------------------------------------------------
+# reading a checkpoint config
+
+
+def rope_parameters(config) -> dict[str, Any]:
+    """The flat ``rope_parameters`` dict of a RoPE config; UserError for anything else."""
+    params = getattr(config, "rope_parameters", None)
+    name = getattr(config, "_name_or_path", "") or type(config).__name__
+    if not params or "rope_type" not in params:
+        raise UserError(
+            f"checkpoint {name!r} (model_type={getattr(config, 'model_type', '?')!r}) has no rotary "
+            "position embedding (no rope_parameters in its config): Position Interpolation needs a "
+            "RoPE model such as LLaMA; use lm-eval's `hf` model for other architectures"
+        )
+    if not isinstance(params.get("rope_type"), str):
+        raise UserError(
+            f"checkpoint {name!r} has per-layer rope_parameters {sorted(params)}: pieval supports one "
+            "RoPE for all layers (LLaMA-style); evaluate this model with lm-eval's `hf` model"
+        )
+    return params
+
+
+def base_window(config) -> int:
+    """L: the window the checkpoint was pre-trained on, also for an already-extended checkpoint.
+
+    yarn/llama3/longrope record it as ``original_max_position_embeddings``; a linear (PI)
+    checkpoint records L' = s·L in ``max_position_embeddings`` (the convention of PI and
+    LongChat checkpoints, and of ``apply``); dynamic NTK keeps L there.
+    """
+    params = rope_parameters(config)
+    if params.get("original_max_position_embeddings"):
+        return int(params["original_max_position_embeddings"])
+    if params["rope_type"] == "linear":
+        return round(config.max_position_embeddings / float(params["factor"]))
+    return int(config.max_position_embeddings)
+
+
+def saved_factor(config) -> float:
+    """The extension factor a checkpoint was saved with, relative to its base window (1.0 if none)."""
+    params = rope_parameters(config)
+    if params["rope_type"] == "default":
+        return 1.0
+    return float(params.get("factor") or config.max_position_embeddings / base_window(config))
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_dim(config) -> int:
+    """Number of rotated channels per head (LLaMA rotates all; partial_rotary_factor shrinks it)."""
+    return int(head_dim(config) * rope_parameters(config).get("partial_rotary_factor", 1.0))
+
+
+# ---------------------------------------------------------------------------
+# resolving a request
+
+
+def _number(name: str, value) -> float:
+    """A finite float from a model_arg (lm-eval hands them over as int, float or str)."""
+    if isinstance(value, bool):
+        raise UserError(f"{name} must be a number (got {value!r}): pass e.g. {name}=4")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number (got {value!r}): pass e.g. {name}=4") from None
+    if not math.isfinite(number):
+        raise UserError(f"{name} must be a finite number (got {value!r}): pass e.g. {name}=4")
+    return number
+
+
+def _check_extends(s: float, arg: str, L: int) -> None:
+    """Reject factors that do not extend the window; ``arg`` is the model_arg as the user wrote it."""
+    if s <= 0:
+        raise UserError(f"{arg} gives a factor s = L'/L = {s:g} <= 0 (L={L}): pass s >= 1, e.g. scaling_factor=4")
+    if s < 1:
+        raise UserError(
+            f"{arg} gives s = L'/L = {s:g} < 1 (L={L}): PI compresses positions m -> m/s to fit a "
+            "longer window into the trained one, and s < 1 would shrink the window instead; pass "
+            f"s >= 1 (context_length >= {L}), or neither to run the checkpoint as saved"
+        )
+
+
+def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") -> RopeSpec:
+    """The extension asked for by the ``pi_llama`` model_args, checked against ``config``.
+
+    No factor and no context_length = the checkpoint as saved (method "none"): a base
+    checkpoint then runs un-extended, the paper's "direct extrapolation" baseline.
+    """
+    method = str(rope_method).strip().lower()
+    if method not in (*ROPE_TYPES, AS_SAVED):
+        raise UserError(
+            f"unknown rope_method {rope_method!r}: use one of {', '.join(ROPE_TYPES)} "
+            f"(or {AS_SAVED} for the checkpoint as saved)"
+        )
+    L = base_window(config)
+    theta = float(rope_parameters(config)["rope_theta"])
+    given_s = None if scaling_factor is None else _number("scaling_factor", scaling_factor)
+    given_len = None if context_length is None else _number("context_length", context_length)
+
+    if given_s is None and given_len is None:
+        if method not in ("pi", AS_SAVED):
+            raise UserError(
+                f"rope_method={method} needs scaling_factor=S or context_length=N: without them "
+                "the checkpoint runs as saved"
+            )
+        s = saved_factor(config)
+        return RopeSpec(AS_SAVED, s, L, round(s * L), theta)
+    if method == AS_SAVED:
+        raise UserError(
+            f"rope_method={AS_SAVED} keeps the checkpoint as saved, but a factor was given: drop "
+            f"scaling_factor/context_length or pick one of {', '.join(ROPE_TYPES)}"
+        )
+    if given_len is not None:
+        if given_len != int(given_len):
+            raise UserError(f"context_length must be a whole number of tokens (got {context_length!r})")
+        _check_extends(given_len / L, f"context_length={context_length}", L)
+    if given_s is not None:
+        _check_extends(given_s, f"scaling_factor={scaling_factor}", L)
+    if given_s is not None and given_len is not None and round(given_s * L) != int(given_len):
+        raise UserError(
+            f"scaling_factor={given_s:g} and context_length={int(given_len)} disagree: the checkpoint's "
+            f"base window is L={L}, so s={given_s:g} means L'={round(given_s * L)}; pass only one of them"
+        )
+    s = given_s if given_s is not None else given_len / L
+    return RopeSpec(method, s, L, round(s * L), theta)
+
+
+# ---------------------------------------------------------------------------
+# writing a spec into a config (before the model is built)
+
+
+def _linear(spec: RopeSpec, config) -> tuple[dict, int]:
+    return {"rope_type": "linear", "factor": spec.factor, "rope_theta": spec.theta}, spec.context_length
+
+
+def _ntk(spec: RopeSpec, config) -> tuple[dict, int]:
+    # NTK-aware scaling keeps the highest frequency and stretches the lowest by s:
+    # theta' = theta · s^(d/(d-2)). It is plain RoPE with another base, so it is saved as
+    # "default" (portable) and keeps max_position_embeddings = L so base_window still reads L.
+    d = rotary_dim(config)
+    return {"rope_type": "default", "rope_theta": spec.theta * spec.factor ** (d / (d - 2))}, spec.base_window
+
+
+def _dynamic(spec: RopeSpec, config) -> tuple[dict, int]:
+    # transformers' dynamic NTK reads the *original* window from max_position_embeddings
+    return {"rope_type": "dynamic", "factor": spec.factor, "rope_theta": spec.theta}, spec.base_window
+
+
+def _yarn(spec: RopeSpec, config) -> tuple[dict, int]:
+    params = {
+        "rope_type": "yarn",
+        "factor": spec.factor,
+        "rope_theta": spec.theta,
+        "original_max_position_embeddings": spec.base_window,
+    }
+    return params, spec.context_length
+
+
+BUILDERS: dict[str, Callable[[RopeSpec, Any], tuple[dict, int]]] = {
+    "pi": _linear,
+    "ntk": _ntk,
+    "dynamic": _dynamic,
+    "yarn": _yarn,
+}
+
+
+def apply(config, spec: RopeSpec) -> None:
+    """Write ``spec`` into ``config`` (rope_parameters, max_position_embeddings) BEFORE the build.
+
+    transformers computes ``inv_freq`` once when the rotary module is built; editing the
+    config of a built model changes nothing (``verify`` catches that).
+    """
+    if spec.method == AS_SAVED:
+        return
+    if base_window(config) != spec.base_window:
+        raise UserError(
+            f"this RopeSpec was resolved for a base window of {spec.base_window} tokens, but the config "
+            f"has L={base_window(config)}: resolve the spec from the same checkpoint's config"
+        )
+    _write(config, spec)
+
+
+def _write(config, spec: RopeSpec) -> None:
+    params, max_positions = BUILDERS[spec.method](spec, config)
+    partial = rope_parameters(config).get("partial_rotary_factor")
+    if partial is not None:
+        params["partial_rotary_factor"] = partial
+    config.rope_parameters = params
+    config.max_position_embeddings = max_positions
+
+
+# ---------------------------------------------------------------------------
+# the math, and the check of a built model
+
+
+def inv_freq(theta: float, dim: int, device=None) -> torch.Tensor:
+    """Un-scaled RoPE inverse frequencies theta^(-2j/dim), fp32, computed as transformers does."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (theta**exponent)
+
+
+def pi_tables(
+    positions: torch.Tensor, base_inv_freq: torch.Tensor, factor: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the interpolated angles (m/s)·theta_j, shape ``positions.shape + (dim/2,)``.
+
+    The half-split layout of flash-attn's ``apply_rotary_emb`` and transformers'
+    ``rotate_half``. Angles are formed in fp32 (bf16 positions would collide past 256) and
+    only the final tables are cast to ``dtype``.
+    """
+    angles = (positions.float() / factor)[..., None] * base_inv_freq.float().to(positions.device)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def expected_rotary(config, spec: RopeSpec) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) that a model built from ``config`` with ``spec`` must hold.
+
+    PI and plain RoPE are computed here (base / s); the other methods by transformers'
+    own rope functions on a copy of the config with ``spec`` applied.
+    """
+    built = copy.deepcopy(config)
+    if spec.method != AS_SAVED:
+        _write(built, spec)
+    params = rope_parameters(built)
+    if params["rope_type"] in ("default", "linear"):
+        base = inv_freq(float(params["rope_theta"]), rotary_dim(built))
+        return base / float(params.get("factor", 1.0)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS[params["rope_type"]](built, device=torch.device("cpu"))
+
+
+def verify(model, spec: RopeSpec) -> None:
+    """Raise RopeMismatchError unless every rotary module's live inv_freq matches ``spec``.
+
+    Expected values come from ``spec`` plus the model's head size; ``model.config``'s rope
+    fields are deliberately not trusted (they may have been edited after the build).
+    """
+    rotary = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if not rotary:
+        raise RopeMismatchError(
+            f"{type(model).__name__} has no rotary module with an inv_freq buffer: pieval extends RoPE models"
+        )
+    # for "none" apply() is a no-op, so this checks the model against the config it reports
+    expected, scaling = expected_rotary(model.config, spec)
+    for name, module in rotary:
+        live = module.inv_freq.detach().cpu()
+        want = expected.to(live.dtype)
+        rtol = 1e-6 if live.dtype == torch.float32 else torch.finfo(live.dtype).eps
+        if live.shape != want.shape or not torch.allclose(live.float(), want.float(), rtol=rtol, atol=0.0):
+            ratio = (want.float() / live.float()).median().item() if live.shape == want.shape else float("nan")
+            raise RopeMismatchError(
+                f"{name or 'model'}.inv_freq does not match rope_method={spec.method} factor={spec.factor:g} "
+                f"(expected/live frequency ratio {ratio:.4g}): the rope scaling was not in the config when "
+                "the model was built (transformers reads it once, at build; editing model.config afterwards "
+                "does nothing). Load through pieval.backend.PILlama, or call pieval.rope.apply(config, spec) "
+                "and pass that config to from_pretrained"
+            )
+        live_scaling = float(getattr(module, "attention_scaling", 1.0))
+        if not math.isclose(live_scaling, float(scaling), rel_tol=1e-6):
+            raise RopeMismatchError(
+                f"{name}.attention_scaling is {live_scaling:g}, expected {float(scaling):g} for "
+                f"rope_method={spec.method} factor={spec.factor:g}: the model was built from another rope config"
+            )
