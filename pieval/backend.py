@@ -1,0 +1,171 @@
+"""``pi_llama``: lm-eval's HFLM with a Position-Interpolation-extended RoPE.
+
+Only what PI changes is overridden: the config is extended before the model is built
+(``_get_config``), the built model is checked (``_create_model``), ``max_length``
+defaults to L', over-long requests fail loudly instead of being left-truncated, and
+the results JSON records the extension (``get_model_info``). Every HFLM model_arg
+(dtype, device, batch_size, attn_implementation, peft, ...) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pieval
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import normalize_gen_kwargs
+
+from pieval import rope
+from pieval.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class PILlama(HFLM):
+    """HFLM + ``scaling_factor=s`` | ``context_length=L'`` and ``rope_method=pi|ntk|dynamic|yarn``.
+
+    No factor = the checkpoint as saved. ``max_length`` defaults to L' = round(s·L).
+    Requests longer than ``max_length`` raise unless ``truncation=True``, which
+    left-truncates them with one warning that counts them.
+    """
+
+    def __init__(
+        self,
+        pretrained,
+        scaling_factor=None,
+        context_length=None,
+        rope_method: str = "pi",
+        max_length: int | None = None,
+        **kwargs,
+    ) -> None:
+        # read by _get_config/_create_model, which HFLM.__init__ calls before it returns
+        self._rope_request = {
+            "scaling_factor": scaling_factor,
+            "context_length": context_length,
+            "rope_method": rope_method,
+        }
+        self.rope: rope.RopeSpec | None = None
+        if kwargs.get("attn_implementation") == "flash_attention_2":
+            from pieval import flash_rotary
+
+            flash_rotary.require_available()
+        if not isinstance(pretrained, str):
+            self._check_built(pretrained)
+        super().__init__(pretrained, max_length=max_length, **kwargs)
+        if max_length is None:
+            self._max_length = self.rope.context_length
+        elif int(max_length) > self.rope.context_length:
+            log.warning(
+                "max_length=%s exceeds the extended window L'=%d: positions past L' are extrapolated",
+                max_length,
+                self.rope.context_length,
+            )
+
+    def _check_built(self, model) -> None:
+        """An already-built model cannot be re-scaled (its inv_freq is fixed): only check it."""
+        if any(v is not None for v in (self._rope_request["scaling_factor"], self._rope_request["context_length"])):
+            raise UserError(
+                "scaling_factor/context_length need a checkpoint path: a model passed as an object is "
+                "already built and its RoPE can no longer change; pass pretrained=PATH"
+            )
+        self.rope = rope.resolve(model.config)
+        rope.verify(model, self.rope)
+
+    # ------------------------------------------------------------------ building
+
+    def _get_config(self, pretrained: str, **kwargs) -> None:
+        try:
+            super()._get_config(pretrained, **kwargs)
+        except OSError as e:
+            raise UserError(
+                f"pretrained={pretrained!r}: no checkpoint there ({type(e).__name__}): pass the folder "
+                "of a saved model (with config.json), e.g. pretrained=models/kjv-llama-tiny"
+            ) from e
+        self.rope = rope.resolve(self._config, **self._rope_request)
+        rope.apply(self._config, self.rope)
+
+    def _create_model(self, pretrained: str, **kwargs) -> None:
+        # HFLM lets from_pretrained re-read config.json; hand it the extended config instead
+        kwargs.setdefault("config", self._config)
+        if self._fused_rotary(kwargs):
+            from pieval import flash_rotary
+
+            with flash_rotary.interpolated_rotary():
+                super()._create_model(pretrained, **kwargs)
+        else:
+            super()._create_model(pretrained, **kwargs)
+        rope.verify(self._model, self.rope)
+
+    def _fused_rotary(self, kwargs) -> bool:
+        if kwargs.get("attn_implementation") != "flash_attention_2":
+            return False
+        from pieval import flash_rotary
+
+        rope_type = rope.rope_parameters(self._config)["rope_type"]
+        if self._config.model_type != "llama" or rope_type not in flash_rotary.SUPPORTED_ROPE_TYPES:
+            log.warning(
+                "flash_attention_2 with model_type=%s, rope_type=%s: attention runs in flash-attn, rotary "
+                "in transformers' torch code (the fused PI rotary covers LLaMA with PI or plain RoPE)",
+                self._config.model_type,
+                rope_type,
+            )
+            return False
+        return True
+
+    # ------------------------------------------------------------------ requests
+
+    def _refuse_overlong(self, lengths: list[int], limit: int, kind: str, fix: str) -> None:
+        over = [n for n in lengths if n > limit]
+        if not over:
+            return
+        counts = f"{len(over)} of {len(lengths)} {kind} requests exceed max_length={self.max_length}" + (
+            f" (longest {max(over)} tokens where {limit} fit)"
+        )
+        if not self.truncation:
+            raise UserError(
+                f"{counts}: lm-eval would silently drop their oldest tokens. {fix}, or pass "
+                "truncation=True to left-truncate them"
+            )
+        log.warning("%s: left-truncating them (truncation=True), dropping up to %d tokens", counts, max(over) - limit)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        # context + continuation minus the last token is what HFLM feeds the model
+        self._refuse_overlong(
+            [len(ctx) + len(cont) - 1 for _, ctx, cont in requests],
+            self.max_length,
+            "loglikelihood",
+            "Raise max_length (or scaling_factor/context_length)",
+        )
+        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        # HFLM fits each prompt into max_length - max_gen_toks by cutting its start
+        lengths = [
+            len(self.tok_encode(context)) + normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)["max_gen_toks"]
+            for context, gen_kwargs in (req.args for req in requests)
+        ]
+        self._refuse_overlong(
+            lengths, self.max_length, "generate_until (prompt + max_gen_toks)", "Raise max_length or lower max_gen_toks"
+        )
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    # ------------------------------------------------------------------ provenance
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        model = self._model
+        info["pieval"] = {
+            "rope_method": self.rope.method,
+            "rope_type": rope.rope_parameters(model.config)["rope_type"],
+            "factor": self.rope.factor,
+            "base_window": self.rope.base_window,
+            "context_length": self.rope.context_length,
+            "max_length": self.max_length,
+            "theta": self.rope.theta,
+            "rope_parameters": dict(rope.rope_parameters(model.config)),
+            "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "pretrained": self.pretrained if isinstance(self.pretrained, str) else type(self.pretrained).__name__,
+            "pieval_version": pieval.__version__,
+        }
+        return info
