@@ -1,0 +1,396 @@
+"""Strided sliding-window perplexity, exactly as the PI paper measures it.
+
+Definition (Chen et al. 2023, Sec. 3.2, after Press et al. 2022): a document is tokenized
+once, without special tokens. Windows of W tokens start every S tokens (S = stride); each
+window is BOS followed by up to W-1 document tokens. A window scores only the tokens the
+previous window did not score (the first window scores all of its tokens), and the
+document ends with the first window that reaches its last token. So every document token
+is scored exactly once, with at least W-1-S tokens of context after the first window; a
+document shorter than W-1 tokens is one window.
+
+Memory: only the scored tail of a window goes through the output head, a few rows at a
+time (``head_chunk_tokens``), and the NLL is taken in fp32, so the W x vocabulary logits
+are never materialised. Windows are batched only with windows of the same length: one
+padded token would make transformers build a W x W attention mask (see FACTS.md).
+
+``SlidingWindowMixin`` puts this behind lm-eval's request interface as the request type
+``loglikelihood_sliding`` (lm-eval's own ``loglikelihood_rolling`` has no stride).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pieval.errors import UserError
+from pieval.protocol import STRIDE
+
+REQUEST_TYPE = "loglikelihood_sliding"
+
+# Output-head rows per chunk: 128 x 32000 fp32 logits are 16 MB (plus as much for the
+# log-softmax), small next to the activations even at W = 2048.
+HEAD_CHUNK_TOKENS = 128
+
+
+class SlidingWindowError(UserError):
+    """Invalid sliding-window settings; the message names each bad value and the fix."""
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Span:
+    """One window: document tokens [start, end) after a BOS; its last ``scored`` are scored."""
+
+    start: int
+    end: int
+    scored: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1  # + BOS
+
+
+def plan_windows(n_tokens: int, window: int, stride: int) -> list[Span]:
+    """The windows that score a document of ``n_tokens`` tokens (none for an empty one)."""
+    capacity = window - 1  # one position holds BOS
+    spans: list[Span] = []
+    start, scored_to = 0, 0
+    while scored_to < n_tokens:
+        end = min(start + capacity, n_tokens)
+        spans.append(Span(start, end, end - scored_to))
+        scored_to = end
+        start += stride
+    return spans
+
+
+def count_windows(n_tokens: int, window: int, stride: int) -> int:
+    """``len(plan_windows(...))`` without building the plan (for progress bars)."""
+    capacity = window - 1
+    if n_tokens == 0:
+        return 0
+    return 1 + max(0, -(-(n_tokens - capacity) // stride))
+
+
+def default_windows(base_window: int, context_length: int) -> tuple[int, ...]:
+    """L, 2L, ... up to L' (and L' itself when it is not a multiple of L): a Table 1 row."""
+    if base_window >= context_length:
+        return (context_length,)
+    windows = tuple(range(base_window, context_length + 1, base_window))
+    return windows if windows[-1] == context_length else (*windows, context_length)
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig:
+    """What to score: evaluation windows W, stride S and per-document truncation.
+
+    ``windows=None`` means the loaded model's L, 2L, ..., L' (``default_windows``).
+    """
+
+    windows: tuple[int, ...] | None = None
+    stride: int = STRIDE  # paper Sec. 3.2
+    max_doc_tokens: int | None = None  # keep only each document's first N tokens
+    head_chunk_tokens: int = HEAD_CHUNK_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.windows is not None:
+            windows = (self.windows,) if isinstance(self.windows, int) else self.windows
+            object.__setattr__(self, "windows", tuple(sorted(set(windows))))
+        problems = []
+        for name in ("stride", "max_doc_tokens", "head_chunk_tokens"):
+            value = getattr(self, name)
+            if value is None and name == "max_doc_tokens":
+                continue
+            if not _is_int(value) or value <= 0:
+                problems.append(f"{name} must be a positive integer (got {value!r})")
+        if self.windows is not None:
+            if not self.windows:
+                problems.append("windows is empty: give at least one window, e.g. [2048]")
+            problems += [_window_problem(w, self.stride) for w in self.windows]
+        problems = [p for p in problems if p]
+        if problems:
+            raise SlidingWindowError("; ".join(problems))
+
+    def resolve_windows(self, max_length: int, base_window: int | None = None) -> tuple[int, ...]:
+        """The windows to run on a model with this ``max_length`` (and trained window L)."""
+        windows = self.windows
+        if windows is None:
+            windows = default_windows(base_window or max_length, max_length)
+            problems = [_window_problem(w, self.stride) for w in windows]
+            if any(problems):
+                raise SlidingWindowError(
+                    f"the model's default windows {list(windows)}: " + "; ".join(p for p in problems if p)
+                )
+        too_long = [w for w in windows if w > max_length]
+        if too_long:
+            raise SlidingWindowError(
+                f"window(s) {too_long} exceed the model's max_length={max_length}: pass smaller "
+                f"windows, or raise max_length in model_args (max_length={max(too_long)}) to measure "
+                "beyond the model's context (extrapolation), or extend it with scaling_factor"
+            )
+        return windows
+
+    def to_request(self) -> dict:
+        return asdict(self) | {"windows": None if self.windows is None else list(self.windows)}
+
+    @classmethod
+    def from_request(cls, spec: dict) -> SlidingWindowConfig:
+        return cls(**spec)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _window_problem(window, stride) -> str | None:
+    if not _is_int(window) or window < 2:
+        return f"window {window!r} must be an integer >= 2 (BOS plus at least one document token)"
+    if _is_int(stride) and stride > window - 1:
+        return (
+            f"stride {stride} > W-1 = {window - 1} for window {window}: tokens between windows "
+            f"would never be scored; use a stride <= {window - 1} or a larger window"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class WindowStats:
+    """One document at one window size: sums over its windows (fp64)."""
+
+    tokens: int = 0  # scored tokens
+    nll: float = 0.0  # total NLL of the scored tokens, nats
+    windows: int = 0
+    window_mean_nll: float = 0.0  # sum over windows of each window's mean NLL
+
+    def add(self, nll: float, tokens: int) -> None:
+        self.tokens += tokens
+        self.nll += nll
+        self.windows += 1
+        self.window_mean_nll += nll / tokens
+
+
+def check_head_split(model: torch.nn.Module, probe: torch.Tensor) -> None:
+    """Raise unless decoder + output head reproduce ``model(probe).logits``.
+
+    The chunked scoring runs the head itself; a model that transforms logits after the
+    head (soft-capping, scaling) would otherwise be scored silently wrong.
+    """
+    with torch.inference_mode():
+        full = model(input_ids=probe, use_cache=False).logits.float()
+        hidden = model.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
+        split = model.get_output_embeddings()(hidden).float()
+    if not torch.allclose(full, split, rtol=1e-2, atol=1e-2):
+        raise UserError(
+            f"{type(model).__name__} changes its logits after the output head (max difference "
+            f"{(full - split).abs().max().item():.3g}); sliding-window perplexity supports "
+            "LLaMA-style causal LMs whose logits are lm_head(last hidden state)"
+        )
+
+
+def tail_nll(model: torch.nn.Module, input_ids: torch.Tensor, scored: int, head_chunk_tokens: int) -> torch.Tensor:
+    """Summed NLL (fp64, one per row) of the last ``scored`` tokens of each row.
+
+    The token at position j is predicted by the hidden state at j-1, so the scored tail
+    ``input_ids[:, -scored:]`` needs hidden states ``[-scored-1, -1)``: exactly those go
+    through the head, ``head_chunk_tokens`` rows at a time.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, -scored - 1 : -1]
+    targets = input_ids[:, -scored:]
+    head = model.get_output_embeddings()
+    batch = input_ids.shape[0]
+    step = max(1, head_chunk_tokens // batch)
+    total = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
+    for i in range(0, scored, step):
+        logits = head(hidden[:, i : i + step]).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), targets[:, i : i + step].flatten(), reduction="none")
+        total += nll.view(batch, -1).sum(dim=1, dtype=torch.float64)
+    return total
+
+
+def score_documents(
+    model: torch.nn.Module,
+    docs: Sequence[Sequence[int]],
+    window: int,
+    stride: int,
+    bos_id: int,
+    *,
+    batch_size: int = 1,
+    head_chunk_tokens: int = HEAD_CHUNK_TOKENS,
+    progress: tqdm | None = None,
+) -> list[WindowStats]:
+    """Sliding-window NLL of each document (token ids without BOS) at one window size."""
+    device = next(model.parameters()).device
+    stats = [WindowStats() for _ in docs]
+    # Equal (length, scored) windows stack without padding; longest first, so an
+    # out-of-memory error shows up at once rather than at the end.
+    groups: dict[tuple[int, int], list[tuple[int, Span]]] = defaultdict(list)
+    for i, doc in enumerate(docs):
+        for span in plan_windows(len(doc), window, stride):
+            groups[span.length, span.scored].append((i, span))
+    with torch.inference_mode():
+        for length, scored in sorted(groups, reverse=True):
+            items = groups[length, scored]
+            for b in range(0, len(items), batch_size):
+                batch = items[b : b + batch_size]
+                ids = torch.tensor(
+                    [[bos_id, *docs[i][s.start : s.end]] for i, s in batch], dtype=torch.long, device=device
+                )
+                nll = tail_nll(model, ids, scored, head_chunk_tokens).tolist()
+                for (i, _), value in zip(batch, nll, strict=True):
+                    stats[i].add(value, scored)
+                if progress is not None:
+                    progress.update(len(batch))
+    return stats
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+@dataclass
+class DocResult:
+    """What ``loglikelihood_sliding`` returns for one document (JSON-serialisable via asdict)."""
+
+    doc_tokens: int  # tokens in the whole document
+    scored_tokens: int  # after max_doc_tokens truncation; every one is scored once per window size
+    scored_bytes: int  # UTF-8 bytes of the scored text
+    truncated: bool
+    windows: dict[str, WindowStats] = field(default_factory=dict)  # str(W) -> stats
+
+
+def doc_metrics(result: dict) -> dict[str, tuple | int]:
+    """Per-document metric items for lm-eval; ``AGGREGATIONS`` turns lists of them into numbers."""
+    out: dict[str, tuple | int] = {}
+    for w, s in result["windows"].items():
+        out[f"token_ppl_{w}"] = (s["nll"], s["tokens"])
+        out[f"window_ppl_{w}"] = (s["window_mean_nll"], s["windows"])
+        out[f"bpb_{w}"] = (s["nll"], result["scored_bytes"])
+        out[f"scored_tokens_{w}"] = s["tokens"]
+    return out
+
+
+def exp_ratio(items: Sequence[tuple[float, int]]) -> float:
+    """exp(sum of NLL terms / sum of counts): token- or window-weighted perplexity."""
+    nll = math.fsum(n for n, _ in items)
+    count = sum(c for _, c in items)
+    return math.exp(nll / count) if count else math.nan
+
+
+def bits_per_byte(items: Sequence[tuple[float, int]]) -> float:
+    nll = math.fsum(n for n, _ in items)
+    n_bytes = sum(b for _, b in items)
+    return nll / n_bytes / math.log(2) if n_bytes else math.nan
+
+
+def total(items: Sequence[int]) -> int:
+    return sum(items)
+
+
+# metric-name prefix -> (aggregation, higher is better)
+AGGREGATIONS = {
+    "token_ppl": (exp_ratio, False),
+    "window_ppl": (exp_ratio, False),
+    "bpb": (bits_per_byte, False),
+    "scored_tokens": (total, True),
+}
+
+
+def metric_names(windows: Sequence[int]) -> list[str]:
+    return [f"{prefix}_{w}" for w in windows for prefix in AGGREGATIONS]
+
+
+def metric_prefix(name: str) -> str:
+    return name.rsplit("_", 1)[0]
+
+
+# --------------------------------------------------------------------------- lm-eval model side
+
+
+class SlidingWindowMixin:
+    """Serves ``loglikelihood_sliding`` requests on an lm-eval ``HFLM``.
+
+    Use as the first base: ``class PILlama(SlidingWindowMixin, HFLM)``. A request's
+    arguments are ``(text, SlidingWindowConfig.to_request())``; the answer is a
+    ``DocResult`` as a dict. All windows of all documents sharing a config are scored in
+    one pass over window sizes, batched by ``batch_size`` (``auto``: lm-eval's detection
+    at max_length, which bounds the equal-or-shorter windows used here).
+    """
+
+    def loglikelihood_sliding(self, requests, disable_tqdm: bool = False) -> list[dict]:
+        by_config: dict[str, list[int]] = defaultdict(list)
+        configs: dict[str, SlidingWindowConfig] = {}
+        for i, req in enumerate(requests):
+            _, spec = req.args
+            key = repr(sorted(spec.items()))
+            configs.setdefault(key, SlidingWindowConfig.from_request(spec))
+            by_config[key].append(i)
+
+        jobs = []  # (config, windows, request indices, [(token ids, DocResult)])
+        for key, indices in by_config.items():
+            config = configs[key]
+            base = self._sliding_base_window() if config.windows is None else None
+            windows = config.resolve_windows(self.max_length, base)
+            encoded = [self._sliding_encode(requests[i].args[0], config.max_doc_tokens) for i in indices]
+            jobs.append((config, windows, indices, encoded))
+
+        n_windows = sum(
+            count_windows(len(ids), w, config.stride)
+            for config, windows, _, encoded in jobs
+            for w in windows
+            for ids, _ in encoded
+        )
+        batch_size = self._detect_batch_size() if self.batch_size == "auto" else int(self.batch_size)
+        bos = self.prefix_token_id
+        self._sliding_check_model(bos)
+        results: list[dict | None] = [None] * len(requests)
+        with tqdm(total=n_windows, desc="Sliding windows", disable=disable_tqdm or self.rank != 0) as bar:
+            for config, windows, indices, encoded in jobs:
+                token_ids = [ids for ids, _ in encoded]
+                per_window = {
+                    w: score_documents(
+                        self.model, token_ids, w, config.stride, bos,
+                        batch_size=batch_size, head_chunk_tokens=config.head_chunk_tokens, progress=bar,
+                    )
+                    for w in windows
+                }
+                for j, (i, (_, doc)) in enumerate(zip(indices, encoded, strict=True)):
+                    doc.windows = {str(w): per_window[w][j] for w in windows}
+                    results[i] = asdict(doc)
+        return results
+
+    def _sliding_base_window(self) -> int:
+        from pieval.rope import base_window
+
+        return base_window(self.model.config)
+
+    def _sliding_check_model(self, bos: int) -> None:
+        if getattr(self, "_sliding_head_checked", False):
+            return
+        probe = torch.tensor([[bos] + list(range(1, 8))], device=next(self.model.parameters()).device)
+        check_head_split(self.model, probe)
+        self._sliding_head_checked = True
+
+    def _sliding_encode(self, text: str, max_doc_tokens: int | None) -> tuple[list[int], DocResult]:
+        """Token ids (no special tokens, truncated) and the document's counts."""
+        tok = self.tokenizer
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=tok.is_fast, verbose=False)
+        ids = enc["input_ids"]
+        keep = len(ids) if max_doc_tokens is None else min(len(ids), max_doc_tokens)
+        if keep == len(ids):
+            n_bytes = len(text.encode("utf-8"))
+        elif tok.is_fast:
+            n_bytes = len(text[: enc["offset_mapping"][keep - 1][1]].encode("utf-8"))
+        else:
+            n_bytes = len(tok.decode(ids[:keep]).encode("utf-8"))
+        doc = DocResult(len(ids), keep, n_bytes, keep < len(ids))
+        return ids[:keep], doc

@@ -1,0 +1,293 @@
+"""Sliding-window perplexity against a brute-force reference written independently here.
+
+The reference never uses ``plan_windows``: for each document token it derives the window
+that scores it from the definition (window k starts at k*S and holds W-1 document
+tokens; token j belongs to the first window that reaches it), runs the model on exactly
+that window with full logits, and takes a float64 log-softmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pieval.errors import UserError
+from pieval.perplexity import (
+    REQUEST_TYPE,
+    SlidingWindowConfig,
+    SlidingWindowError,
+    SlidingWindowMixin,
+    bits_per_byte,
+    count_windows,
+    default_windows,
+    doc_metrics,
+    exp_ratio,
+    plan_windows,
+    score_documents,
+)
+
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def random_docs(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def scoring_window(j: int, window: int, stride: int) -> int:
+    """Index k of the window that scores document token j: the first with k*S + W-1 > j."""
+    return 0 if j < window - 1 else -(-(j - (window - 1) + 1) // stride)
+
+
+def brute_force(model, docs, window, stride, bos):
+    """Per document: {k: [nll of each token window k scores]} in float64."""
+    out = []
+    for doc in docs:
+        per_window: dict[int, list[float]] = {}
+        cache: dict[int, torch.Tensor] = {}
+        for j, token in enumerate(doc):
+            k = scoring_window(j, window, stride)
+            start = k * stride
+            if k not in cache:
+                ids = torch.tensor([[bos, *doc[start : start + window - 1]]])
+                with torch.no_grad():
+                    cache[k] = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+            # token j sits at position j - start + 1 (after BOS), predicted from j - start
+            per_window.setdefault(k, []).append(-cache[k][j - start, token].item())
+        out.append(per_window)
+    return out
+
+
+def token_ppl(reference) -> float:
+    nll = [x for doc in reference for win in doc.values() for x in win]
+    return math.exp(math.fsum(nll) / len(nll))
+
+
+def window_ppl(reference) -> float:
+    """The window-mean formula: exp(mean over all windows of the window's mean NLL)."""
+    means = [sum(win) / len(win) for doc in reference for win in doc.values()]
+    return math.exp(sum(means) / len(means))
+
+
+def ours(stats):
+    tok = exp_ratio([(s.nll, s.tokens) for s in stats])
+    win = exp_ratio([(s.window_mean_nll, s.windows) for s in stats])
+    return tok, win
+
+
+# Window 16 = BOS + 15 document tokens. Lengths: shorter than W, exactly W-1 (one full
+# window), exactly W (a second window scoring one token), and several longer ones.
+LENGTHS = [5, 15, 16, 40, 83]
+
+
+@pytest.mark.parametrize("stride", [15, 1, 4], ids=["stride=W-1", "stride=1", "stride=4"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_matches_brute_force(tiny_model, stride, batch_size):
+    window, bos = 16, 1
+    docs = random_docs(LENGTHS, tiny_model.config.vocab_size)
+    stats = score_documents(tiny_model, docs, window, stride, bos, batch_size=batch_size, head_chunk_tokens=4)
+    reference = brute_force(tiny_model, docs, window, stride, bos)
+
+    tok, win = ours(stats)
+    assert tok == pytest.approx(token_ppl(reference), rel=REL)
+    assert win == pytest.approx(window_ppl(reference), rel=REL)
+    for s, ref, doc in zip(stats, reference, docs, strict=True):
+        assert s.tokens == len(doc)  # every token scored exactly once
+        assert s.windows == len(ref)
+        assert s.nll == pytest.approx(math.fsum(x for w in ref.values() for x in w), rel=REL)
+
+
+def test_single_document_shorter_than_window_is_one_window(tiny_model):
+    docs = random_docs([7], tiny_model.config.vocab_size, seed=3)
+    (s,) = score_documents(tiny_model, docs, window=64, stride=16, bos_id=1)
+    ref = brute_force(tiny_model, docs, 64, 16, 1)
+    assert (s.windows, s.tokens) == (1, 7)
+    assert math.exp(s.nll / s.tokens) == pytest.approx(token_ppl(ref), rel=REL)
+
+
+def test_plan_windows_definition():
+    # W=5 holds 4 document tokens; S=2: windows start at 0, 2, 4, ...
+    assert [(s.start, s.end, s.scored) for s in plan_windows(9, 5, 2)] == [
+        (0, 4, 4),
+        (2, 6, 2),
+        (4, 8, 2),
+        (6, 9, 1),
+    ]
+    assert plan_windows(0, 5, 2) == []
+    assert [(s.start, s.end, s.scored) for s in plan_windows(3, 5, 2)] == [(0, 3, 3)]
+    for n in range(0, 60):
+        for w, s in [(5, 4), (5, 1), (16, 7), (2, 1)]:
+            spans = plan_windows(n, w, s)
+            assert count_windows(n, w, s) == len(spans)
+            assert sum(x.scored for x in spans) == n
+            assert all(x.length <= w for x in spans)
+
+
+def test_default_windows():
+    assert default_windows(256, 1024) == (256, 512, 768, 1024)
+    assert default_windows(256, 640) == (256, 512, 640)
+    assert default_windows(256, 256) == (256,)
+
+
+def test_aggregations_are_token_and_window_weighted():
+    items = [(10.0, 5), (1.0, 1)]
+    assert exp_ratio(items) == pytest.approx(math.exp(11 / 6))
+    assert bits_per_byte([(math.log(2) * 8, 4), (0.0, 4)]) == pytest.approx(1.0)
+    result = {
+        "scored_bytes": 12,
+        "windows": {"16": {"nll": 3.0, "tokens": 6, "windows": 2, "window_mean_nll": 1.2}},
+    }
+    assert doc_metrics(result) == {
+        "token_ppl_16": (3.0, 6),
+        "window_ppl_16": (1.2, 2),
+        "bpb_16": (3.0, 12),
+        "scored_tokens_16": 6,
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"stride": 0}, "stride must be a positive integer (got 0)"),
+        ({"stride": -3}, "stride must be a positive integer (got -3)"),
+        ({"windows": [1]}, "window 1 must be an integer >= 2"),
+        ({"windows": [64, 128], "stride": 100}, "stride 100 > W-1 = 63 for window 64"),
+        ({"windows": []}, "windows is empty"),
+        ({"max_doc_tokens": 0}, "max_doc_tokens must be a positive integer (got 0)"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(SlidingWindowError) as e:
+        SlidingWindowConfig(**kwargs)
+    assert message in str(e.value)
+    assert isinstance(e.value, UserError)
+
+
+def test_window_larger_than_max_length():
+    config = SlidingWindowConfig(windows=(256, 512), stride=128)
+    assert config.resolve_windows(max_length=512) == (256, 512)
+    with pytest.raises(SlidingWindowError, match=r"window\(s\) \[512\] exceed the model's max_length=256.*max_length=512"):
+        config.resolve_windows(max_length=256)
+    with pytest.raises(SlidingWindowError, match="default windows"):
+        SlidingWindowConfig(stride=300).resolve_windows(max_length=512, base_window=256)
+
+
+def test_empty_document_scores_nothing(tiny_model):
+    (s,) = score_documents(tiny_model, [[]], window=16, stride=4, bos_id=1)
+    assert (s.tokens, s.windows, s.nll) == (0, 0, 0.0)
+
+
+def test_head_sees_at_most_chunk_rows_whatever_the_window(tiny_model):
+    """Memory: the only vocabulary-sized tensors are head outputs; their rows stay <= chunk.
+
+    This checks the shapes requested from the output head (the W x vocab term), not a
+    measured peak; tests/test_perplexity.py::test_cuda_peak_memory measures on a GPU.
+    """
+    rows = []
+    hook = tiny_model.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: rows.append(out.shape[0] * out.shape[1])
+    )
+    try:
+        for window in (32, 256):
+            rows.clear()
+            docs = random_docs([300, 300], tiny_model.config.vocab_size)
+            score_documents(tiny_model, docs, window, 16, 1, batch_size=2, head_chunk_tokens=8)
+            assert rows and max(rows) <= 8
+    finally:
+        hook.remove()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_memory():
+    """Peak memory of scoring a window is the bare forward's plus O(chunk x vocab), not W x vocab."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+    )
+    model = LlamaForCausalLM(config).cuda().eval()
+    window = 8192
+    doc = random_docs([window - 1], 32000)
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    ids = torch.tensor([[1, *doc[0]]], device="cuda")
+    with torch.inference_mode():
+        bare = peak(lambda: model.model(input_ids=ids, use_cache=False))
+    ours_peak = peak(lambda: score_documents(model, doc, window, 256, 1, head_chunk_tokens=128))
+    full_logits = window * 32000 * 4
+    assert ours_peak - bare < 4 * 128 * 32000 * 4 + 16 * 2**20, (ours_peak, bare)
+    assert ours_peak < bare + full_logits / 4
+
+
+# ------------------------------------------------------------------ the lm-eval model side
+
+
+@pytest.fixture(scope="module")
+def sliding_lm(tiny_llama_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    class SlidingHFLM(SlidingWindowMixin, HFLM):
+        """The mixin on lm-eval's HFLM, as pieval.backend.PILlama uses it."""
+
+    return SlidingHFLM(pretrained=str(tiny_llama_dir), device="cpu", batch_size=2, dtype="float32")
+
+
+def request(text, **config):
+    from lm_eval.api.instance import Instance
+
+    spec = SlidingWindowConfig(**config).to_request()
+    return Instance(request_type=REQUEST_TYPE, doc={}, arguments=(text, spec), idx=0)
+
+
+def test_mixin_matches_brute_force_on_text(sliding_lm, heldout_dir):
+    texts = [p.read_text()[:3000] for p in sorted(heldout_dir.glob("*.txt"))[:2]] + ["In the beginning"]
+    windows, stride = (32, 64), 16
+    results = sliding_lm.loglikelihood_sliding([request(t, windows=windows, stride=stride) for t in texts])
+    tok = sliding_lm.tokenizer
+    docs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for w in windows:
+        reference = brute_force(sliding_lm.model, docs, w, stride, tok.bos_token_id)
+        items = [doc_metrics(r) for r in results]
+        assert exp_ratio([m[f"token_ppl_{w}"] for m in items]) == pytest.approx(token_ppl(reference), rel=REL)
+        assert exp_ratio([m[f"window_ppl_{w}"] for m in items]) == pytest.approx(window_ppl(reference), rel=REL)
+        nll = math.fsum(x for doc in reference for win in doc.values() for x in win)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        assert bits_per_byte([m[f"bpb_{w}"] for m in items]) == pytest.approx(nll / n_bytes / math.log(2), rel=REL)
+        assert sum(m[f"scored_tokens_{w}"] for m in items) == sum(map(len, docs))
+    assert results[2]["scored_tokens"] == len(docs[2]) < 32  # shorter than a window: one window
+    assert results[2]["windows"]["32"]["windows"] == 1
+
+
+def test_mixin_truncation_and_bytes(sliding_lm, heldout_dir):
+    text = sorted(heldout_dir.glob("*.txt"))[0].read_text()[:2000]
+    (r,) = sliding_lm.loglikelihood_sliding([request(text, windows=(32,), stride=8, max_doc_tokens=50)])
+    ids = sliding_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (r["doc_tokens"], r["scored_tokens"], r["truncated"]) == (len(ids), 50, True)
+    assert r["scored_bytes"] == len(sliding_lm.tokenizer.decode(ids[:50]).encode("utf-8"))
+    reference = brute_force(sliding_lm.model, [ids[:50]], 32, 8, sliding_lm.tokenizer.bos_token_id)
+    assert math.exp(r["windows"]["32"]["nll"] / 50) == pytest.approx(token_ppl(reference), rel=REL)
+
+
+def test_mixin_rejects_window_beyond_max_length(sliding_lm):
+    with pytest.raises(SlidingWindowError, match="exceed the model's max_length=256"):
+        sliding_lm.loglikelihood_sliding([request("some text", windows=(512,), stride=256)])
