@@ -170,7 +170,10 @@ def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") 
         )
     if given_len is not None:
         if given_len != int(given_len):
-            raise UserError(f"context_length must be a whole number of tokens (got {context_length!r})")
+            raise UserError(
+                f"context_length must be a whole number of tokens (got {context_length!r}): pass e.g. "
+                f"context_length={4 * L}"
+            )
         _check_extends(given_len / L, f"context_length={context_length}", L)
     if given_s is not None:
         _check_extends(given_s, f"scaling_factor={scaling_factor}", L)
