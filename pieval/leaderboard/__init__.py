@@ -1,0 +1,1 @@
+"""`pieval leaderboard`: lm-eval results -> the paper's tables (CSV), reference rows and plots."""

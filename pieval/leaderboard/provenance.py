@@ -1,0 +1,230 @@
+"""Who was evaluated, how, and on what: the identity and provenance of one measured row.
+
+Everything comes from the results JSON alone, so a leaderboard can be rebuilt anywhere:
+lm-eval's own sections (``config``, ``configs.<task>``, versions, ``date``) plus the
+``config.pieval`` dict that the `pi_llama` backend adds (`PILlama.get_model_info`). A
+fine-tuned checkpoint is recognised by a ``finetune`` dict (``step``, ``method``,
+``base_model``, optionally ``base_window``) in ``config.pieval`` or, for runs that pass it
+through ``simple_evaluate``'s ``metadata``, in the task metadata under ``pieval_finetune``.
+Failing both, a checkpoint directory written by `pieval finetune` that still exists at the
+recorded path is read (``trainer_state.json`` step, ``finetune_config.json`` method and
+base model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pieval.errors import UserError
+from pieval.leaderboard.results import ResultsFile
+
+# config.pieval keys a measured row cannot do without (a row without them is not written).
+REQUIRED_PIEVAL = (
+    "pretrained",
+    "rope_type",
+    "factor",
+    "theta",
+    "base_window",
+    "context_length",
+    "dtype",
+    "attn_implementation",
+    "pieval_version",
+)
+
+# Provenance columns, in the order they appear in every table (after the metric columns).
+COLUMNS = (
+    "model_revision",
+    "model_sha",
+    "rope_type",
+    "factor",
+    "theta",
+    "dtype",
+    "attn_implementation",
+    "dataset",
+    "dataset_revision",
+    "docs",
+    "stride",
+    "truncation",
+    "seed",
+    "lm_eval_version",
+    "transformers_version",
+    "torch_version",
+    "pieval_version",
+    "date",
+    "results_file",
+)
+
+# transformers rope types -> the method names the paper and the leaderboard use.
+_METHOD_BY_ROPE_TYPE = {"linear": "PI", "dynamic": "dynamic-ntk", "yarn": "yarn", "llama3": "llama3", "longrope": "longrope"}
+# pi_llama's rope_method values that name a method on their own ("none" = checkpoint as saved).
+_METHOD_BY_ROPE_METHOD = {"pi": "PI", "ntk": "ntk", "dynamic": "dynamic-ntk", "yarn": "yarn"}
+
+
+class ProvenanceError(UserError):
+    """A results file that lacks what a measured row must record."""
+
+
+@dataclass(frozen=True, order=True)
+class RowId:
+    """The columns that identify a model in every table (before its metrics)."""
+
+    model: str  # the evaluated checkpoint (path or hub id, as passed to pretrained=)
+    base_model: str  # the model it was fine-tuned from; == model when not fine-tuned
+    method: str  # none / FT / PI / ntk / yarn / ...
+    L: int  # trained window of the base model
+    L_prime: int  # evaluated context window L'
+    steps: int  # fine-tune steps (0 = not fine-tuned)
+
+
+def _pieval(rf: ResultsFile) -> dict:
+    return rf.data["config"].get("pieval") or {}
+
+
+def _finetune(rf: ResultsFile) -> dict:
+    ft = _pieval(rf).get("finetune")
+    if ft:
+        return ft
+    for task in sorted(rf.data["configs"]):
+        ft = rf.task_metadata(task).get("pieval_finetune")
+        if ft:
+            return ft
+    return _finetune_from_checkpoint(Path(str(_pieval(rf).get("pretrained", ""))))
+
+
+def _finetune_from_checkpoint(path: Path) -> dict:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        settings = json.loads((path / "finetune_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {"step": int(state["step"]), "method": settings.get("method"), "base_model": settings.get("model")}
+
+
+def method_label(pieval: dict, finetune: dict) -> str:
+    """PI for linear scaling > 1; FT for a checkpoint fine-tuned without interpolation; else the rope method."""
+    rope_method = str(pieval.get("rope_method") or "none").lower()
+    factor = float(pieval.get("factor") or 1.0)
+    if rope_method in _METHOD_BY_ROPE_METHOD and rope_method != "pi":
+        return _METHOD_BY_ROPE_METHOD[rope_method]
+    if factor > 1.0 or rope_method == "pi":
+        return _METHOD_BY_ROPE_TYPE.get(str(pieval.get("rope_type")), str(pieval.get("rope_type")))
+    if finetune and int(finetune.get("step", 0)) > 0:
+        return "FT"
+    return "none"
+
+
+def missing(rf: ResultsFile) -> list[str]:
+    """The provenance fields this results file lacks (empty = a row may be written)."""
+    pv = _pieval(rf)
+    gone = [f"config.pieval.{k}" for k in REQUIRED_PIEVAL if pv.get(k) in (None, "")]
+    if not pv:
+        gone = ["config.pieval (the run did not use `--model pi_llama`)"]
+    for k in ("lm_eval_version", "transformers_version", "date"):
+        if rf.data.get(k) in (None, ""):
+            gone.append(k)
+    if _torch_version(rf) is None:
+        gone.append("torch version (pretty_env_info)")
+    return gone
+
+
+def require(rf: ResultsFile) -> None:
+    gone = missing(rf)
+    if gone:
+        raise ProvenanceError(
+            f"{rf.label}: no provenance ({', '.join(gone)} missing); its rows are not written. "
+            "Evaluate with `lm_eval --model pi_llama ...`, which records them"
+        )
+
+
+def row_id(rf: ResultsFile) -> RowId:
+    require(rf)
+    pv, ft = _pieval(rf), _finetune(rf)
+    model = str(pv["pretrained"])
+    return RowId(
+        model=model,
+        base_model=str(ft.get("base_model") or model),
+        method=method_label(pv, ft),
+        L=int(ft.get("base_window") or pv["base_window"]),
+        L_prime=int(pv["context_length"]),
+        steps=int(ft.get("step", 0)),
+    )
+
+
+_TORCH_RE = re.compile(r"^PyTorch version: (\S+)", re.MULTILINE)
+
+
+def _torch_version(rf: ResultsFile) -> str | None:
+    m = _TORCH_RE.search(str(rf.data.get("pretty_env_info") or ""))
+    return m.group(1) if m else _pieval(rf).get("torch_version")
+
+
+def _first(*values):
+    return next((v for v in values if v not in (None, "", [], {})), None)
+
+
+def _dataset(rf: ResultsFile, task: str) -> tuple[str | None, str | None]:
+    cfg = rf.data["configs"].get(task) or {}
+    meta = rf.task_metadata(task)
+    if meta.get("data_path"):
+        name = str(meta["data_path"])
+    else:
+        name = _first(meta.get("dataset"), meta.get("dataset_name"), cfg.get("dataset_path"))
+        if name and cfg.get("dataset_name") and not meta.get("dataset"):
+            name = f"{name}:{cfg['dataset_name']}"
+    revision = _first(
+        meta.get("data_sha256"),
+        meta.get("dataset_revision"),
+        meta.get("revision"),
+        (cfg.get("dataset_kwargs") or {}).get("revision"),
+        rf.task_results(task).get("data_sha256"),
+    )
+    return name, revision
+
+
+def _docs(rf: ResultsFile, task: str):
+    res = rf.task_results(task)
+    for key in ("docs", "num_docs", "n_docs"):
+        for k, v in res.items():
+            if k.split(",")[0] == key:
+                return int(v)
+    return (rf.data.get("n-samples", {}).get(task) or {}).get("effective")
+
+
+def _date(rf: ResultsFile) -> str:
+    d = rf.data["date"]
+    if isinstance(d, (int, float)):
+        return datetime.fromtimestamp(d, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(d)
+
+
+def columns(rf: ResultsFile, task: str) -> dict[str, object]:
+    """The provenance columns of ``task``'s row from this results file (raises if it has none)."""
+    require(rf)
+    pv, cfg, meta = _pieval(rf), rf.data["config"], rf.task_metadata(task)
+    dataset, revision = _dataset(rf, task)
+    max_doc_tokens = _first(meta.get("max_doc_tokens"), rf.task_results(task).get("max_doc_tokens"))
+    return {
+        "model_revision": cfg.get("model_revision"),
+        "model_sha": _first(pv.get("model_sha"), cfg.get("model_sha")),
+        "rope_type": pv["rope_type"],
+        "factor": float(pv["factor"]),
+        "theta": float(pv["theta"]),
+        "dtype": pv["dtype"],
+        "attn_implementation": pv["attn_implementation"],
+        "dataset": dataset,
+        "dataset_revision": revision,
+        "docs": _docs(rf, task),
+        "stride": meta.get("stride"),
+        "truncation": f"first {max_doc_tokens} tokens" if max_doc_tokens else "none",
+        "seed": _first(meta.get("seed"), cfg.get("random_seed")),
+        "lm_eval_version": rf.data["lm_eval_version"],
+        "transformers_version": rf.data["transformers_version"],
+        "torch_version": _torch_version(rf),
+        "pieval_version": pv["pieval_version"],
+        "date": _date(rf),
+        "results_file": rf.label,
+    }

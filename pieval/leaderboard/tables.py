@@ -1,0 +1,219 @@
+"""lm-eval results -> the paper's tables, one pandas frame each.
+
+Every metric value becomes a `Cell` keyed by the model's `RowId`, a table-specific key and a
+column; cells of the same row merge across results files (a model's windows may come from
+several runs), the newest run winning a cell measured twice. Each row carries the
+provenance of the cells it shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from pieval.leaderboard import provenance
+from pieval.leaderboard.results import Problem, ResultsFile
+from pieval.protocol import ORIGINAL_WINDOW_TASKS
+
+ID_COLUMNS = ("source", "model", "base_model", "method", "L", "L'", "steps")
+# Last column: the paper table a reference row comes from (empty for measured rows).
+REFERENCE_COLUMN = "reference"
+INT_COLUMNS = frozenset({"L", "L'", "steps", "length", "k_max", "window", "docs", "stride", "seed"})
+ROUGE_METRICS = ("rouge1", "rouge2", "rougeL")
+# Original-window columns in the paper's order; lm-eval's `race` is RACE-high (dataset_name: high).
+ORIGINAL_WINDOW_COLUMNS = ("boolq", "piqa", "race_m", "race_h", "winogrande")
+_ORIGINAL_WINDOW_TASK_COLUMN = {"boolq": "boolq", "piqa": "piqa", "race": "race_h", "winogrande": "winogrande"}
+assert set(_ORIGINAL_WINDOW_TASK_COLUMN) == set(ORIGINAL_WINDOW_TASKS)
+
+
+@dataclass(frozen=True)
+class Cell:
+    rid: provenance.RowId
+    key: tuple  # the table's extra row key, e.g. (dataset,) or (length,)
+    column: str
+    value: float
+    date: str  # newest wins when a cell is measured twice
+    prov: dict = field(compare=False)
+
+
+def metrics(rf: ResultsFile, task: str) -> dict[str, object]:
+    """``{metric: value}`` of one task, lm-eval's ``metric,filter`` keys reduced to the metric.
+
+    The ``none`` filter wins when a task reports several filters of the same metric.
+    """
+    out: dict[str, object] = {}
+    for key, value in sorted(rf.task_results(task).items(), key=lambda kv: kv[0].split(",")[-1] != "none"):
+        name, _, filt = key.partition(",")
+        if filt and not name.endswith("_stderr"):
+            out.setdefault(name, value)
+    return out
+
+
+def _number(value, what: str, rf: ResultsFile, task: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{rf.label}: {task} {what} is {value!r}, not a number") from None
+
+
+def _suffix_ints(names: Iterable[str], prefix: str) -> list[int]:
+    return sorted({int(n[len(prefix) :]) for n in names if n.startswith(prefix) and n[len(prefix) :].isdigit()})
+
+
+def perplexity_cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
+    """``token_ppl_<W>`` of a sliding-window perplexity task, one cell per window W."""
+    m = metrics(rf, task)
+    windows = sorted({w for p in ("token_ppl_", "window_ppl_", "bpb_", "scored_tokens_") for w in _suffix_ints(m, p)})
+    lacking = [w for w in windows if f"token_ppl_{w}" not in m]
+    if lacking:
+        raise ValueError(
+            f"{rf.label}: {task} has no token_ppl_{lacking[0]} (windows {lacking}) though other metrics "
+            "of that window are there; re-run the task with pieval's perplexity tasks"
+        )
+    rid, dataset = provenance.row_id(rf), dataset_name(task)
+    return [
+        Cell(rid, (dataset,), str(w), _number(m[f"token_ppl_{w}"], f"token_ppl_{w}", rf, task), prov["date"], prov)
+        for w in windows
+    ]
+
+
+def passkey_cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
+    m = metrics(rf, task)
+    cells, rid = [], provenance.row_id(rf)
+    for length in _suffix_ints(m, "k_max_"):
+        if f"acc_{length}" not in m:
+            raise ValueError(f"{rf.label}: {task} has k_max_{length} but no acc_{length}")
+        for col, name in (("k_max", f"k_max_{length}"), ("acc", f"acc_{length}")):
+            cells.append(Cell(rid, (length,), col, _number(m[name], name, rf, task), prov["date"], prov))
+    return cells
+
+
+def govreport_cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
+    m = metrics(rf, task)
+    lacking = [r for r in ROUGE_METRICS if r not in m]
+    if lacking:
+        raise ValueError(f"{rf.label}: {task} reports {sorted(m)} but not {', '.join(lacking)}")
+    rid = provenance.row_id(rf)
+    # rouge-score F-measures are fractions; the paper (and this table) shows percent
+    return [Cell(rid, (), r, 100.0 * _number(m[r], r, rf, task), prov["date"], prov) for r in ROUGE_METRICS]
+
+
+def original_window_cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
+    m = metrics(rf, task)
+    if "acc" not in m:
+        raise ValueError(f"{rf.label}: {task} has no acc metric (has {sorted(m)})")
+    value = 100.0 * _number(m["acc"], "acc", rf, task)  # percent, as the paper prints it
+    return [Cell(provenance.row_id(rf), (), _ORIGINAL_WINDOW_TASK_COLUMN[task], value, prov["date"], prov)]
+
+
+def dataset_name(task: str) -> str:
+    """pg19_ppl -> pg19: the table name ``ppl_<dataset>.csv``."""
+    return task.removesuffix("_ppl")
+
+
+def kind_of(rf: ResultsFile, task: str) -> str | None:
+    """Which table a task's results go to (None: a task the leaderboard does not tabulate)."""
+    names = metrics(rf, task)
+    if any(n.startswith("token_ppl_") for n in names) or task.endswith("_ppl"):
+        return "perplexity"
+    if any(n.startswith("k_max_") for n in names):
+        return "passkey"
+    if task.startswith("govreport"):
+        return "govreport"
+    if task in _ORIGINAL_WINDOW_TASK_COLUMN:
+        return "original_window"
+    return None
+
+
+_CELLS = {
+    "perplexity": perplexity_cells,
+    "passkey": passkey_cells,
+    "govreport": govreport_cells,
+    "original_window": original_window_cells,
+}
+
+
+def collect(files: Iterable[ResultsFile], problems: list[Problem]) -> dict[str, list[Cell]]:
+    """All cells by table kind; a file or task that cannot give a row becomes a `Problem`."""
+    cells: dict[str, list[Cell]] = {k: [] for k in _CELLS}
+    for rf in files:
+        tasks = [(t, kind_of(rf, t)) for t in sorted(rf.data["results"])]
+        tasks = [(t, k) for t, k in tasks if k]
+        if not tasks:
+            problems.append(Problem(rf.label, f"{rf.label}: none of its tasks ({', '.join(sorted(rf.data['results'])) or 'none'}) is one the leaderboard tabulates"))
+            continue
+        gone = provenance.missing(rf)
+        if gone:
+            problems.append(
+                Problem(
+                    rf.label,
+                    f"{rf.label}: no provenance ({', '.join(gone)} missing), so its rows "
+                    f"({', '.join(t for t, _ in tasks)}) are not written; evaluate with `lm_eval --model pi_llama`",
+                )
+            )
+            continue
+        for task, kind in tasks:
+            try:
+                cells[kind] += _CELLS[kind](rf, task, provenance.columns(rf, task))
+            except ValueError as e:
+                problems.append(Problem(rf.label, f"{e}; that row is not written"))
+    return cells
+
+
+def _merge_provenance(provs: dict[str, dict]) -> dict:
+    """One provenance per row; a field that differs between the row's cells lists each column's value."""
+    merged = {}
+    for col in provenance.COLUMNS:
+        values = {label: p.get(col) for label, p in provs.items()}
+        if len({repr(v) for v in values.values()}) == 1:
+            merged[col] = next(iter(values.values()))
+        else:
+            merged[col] = "; ".join(f"{label}={'' if v is None else v}" for label, v in values.items())
+    return merged
+
+
+def assemble(
+    cells: list[Cell], key_columns: tuple[str, ...], value_columns: list[str], problems: list[Problem]
+) -> pd.DataFrame:
+    """Measured rows: one per (RowId, key); newest cell per column; provenance of the cells shown."""
+    rows: dict[tuple, dict[str, Cell]] = {}
+    for cell in sorted(cells, key=lambda c: (c.date, c.prov["results_file"])):
+        row = rows.setdefault((cell.rid, cell.key), {})
+        if cell.column in row:
+            old = row[cell.column].prov["results_file"]
+            problems.append(
+                Problem(old, f"{old}: {cell.column} of {cell.rid.model} superseded by the newer {cell.prov['results_file']}")
+            )
+        row[cell.column] = cell
+    records = []
+    for (rid, key), row in rows.items():
+        records.append(
+            {
+                "source": "measured",
+                "model": rid.model,
+                "base_model": rid.base_model,
+                "method": rid.method,
+                "L": rid.L,
+                "L'": rid.L_prime,
+                "steps": rid.steps,
+                **dict(zip(key_columns, key)),
+                **{col: row[col].value if col in row else None for col in value_columns},
+                **_merge_provenance({col: row[col].prov for col in value_columns if col in row}),
+            }
+        )
+    return pd.DataFrame.from_records(records, columns=columns(key_columns, value_columns))
+
+
+def columns(key_columns: tuple[str, ...], value_columns: list[str]) -> list[str]:
+    return [*ID_COLUMNS, *key_columns, *value_columns, *provenance.COLUMNS, REFERENCE_COLUMN]
+
+
+def ppl_vs_steps(ppl_cells: list[Cell]) -> list[Cell]:
+    """Perplexity at the target window W = L' of every extended or fine-tuned model (the paper's Table 3)."""
+    return [
+        Cell(c.rid, (*c.key, int(c.column)), "ppl", c.value, c.date, c.prov)
+        for c in ppl_cells
+        if int(c.column) == c.rid.L_prime and (c.rid.method != "none" or c.rid.steps > 0)
+    ]
