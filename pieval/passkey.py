@@ -1,0 +1,317 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023) and the effective context window k_max (PI, Sec. 3.3).
+
+A prompt of total length L' hides a random 5-digit key at a distance of k tokens from the end of
+the input; the model must repeat it. Lengths and distances are counted in the evaluated model's
+own tokens, exactly as the harness will encode the prompt (BOS included). The prompt occupies
+``L' - max_gen_toks`` tokens so that prompt plus answer fit in a window of L' and HFLM never
+left-truncates it.
+
+Distance ``k`` is the number of prompt tokens from the key's first token to the end of the
+prompt (a key whose first token is the prompt's last token has k = 1). The grid of distances is
+``k_i = i * L' / n`` for i = 1..n, uniform over (0, L']; the ends of that grid cannot be met
+exactly (the question follows the key, the task description precedes it), so each prompt puts
+the key as close to ``k_i`` as the fixed text allows and logs the distance it really got.
+``k_max`` is reported on the grid, so a model that always answers gets k_max = L'.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lm_eval.api.metrics import mean
+from lm_eval.api.task import ConfigurableTask
+
+from pieval.errors import UserError
+from pieval.protocol import (
+    PASSKEY_KEY_DIGITS,
+    PASSKEY_MIN_SUCCESS,
+    PASSKEY_NUM_DISTANCES,
+    PASSKEY_TRIALS,
+)
+from pieval.task_model import TaskModel, check_generation_budget
+
+# The prompt of Mohtashami & Jaggi (2023), reused verbatim by the PI paper; lines joined by "\n"
+# as in their reference code.
+TASK_DESCRIPTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+DEFAULT_SEED = 0  # any fixed seed reproduces the same prompts; 0 unless --metadata seed=...
+DEFAULT_GEN_TOKS = 10  # room left for the answer: " 12345" is 6 tokens with digit-split tokenizers
+
+_FILLER_WORDS = FILLER.split(" ")
+_MAX_FIT_STEPS = 8  # tokenization is near-additive at word boundaries; fits converge in 1-3 steps
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    text: str
+    key: int
+    target_tokens: int  # the prompt length asked for (L' - max_gen_toks)
+    tokens: int  # its real length in the model's tokens
+    distance: int  # the grid distance asked for
+    distance_tokens: int  # the key's real distance from the end, in tokens
+
+
+def filler(words: int) -> str:
+    """The first ``words`` words of the filler repeated without end (the paper repeats it X times)."""
+    n = len(_FILLER_WORDS)
+    return " ".join(_FILLER_WORDS[i % n] for i in range(words))
+
+
+def render(key: int, prefix_words: int, suffix_words: int) -> tuple[str, int]:
+    """The prompt and the character offset of the key in it."""
+    head = "\n".join(p for p in (TASK_DESCRIPTION, filler(prefix_words)) if p) + "\n"
+    tail = "\n".join(p for p in (KEY_LINE.format(key=key), filler(suffix_words), QUESTION) if p)
+    return head + tail, len(head) + tail.index(str(key))
+
+
+class PromptBuilder:
+    """Fits the filler before and after the key so a prompt has a given length and key distance."""
+
+    def __init__(self, model: TaskModel):
+        self._model = model
+        self._cum = [0]  # tokens needed for the first w filler words, when tokenized alone
+        self._starts: dict[tuple[int, int], tuple[int, int]] = {}  # warm starts per (length, distance)
+
+    def measure(self, key: int, prefix_words: int, suffix_words: int) -> tuple[str, int, int]:
+        """(text, length in tokens, distance of the key's first token from the end)."""
+        text, key_char = render(key, prefix_words, suffix_words)
+        ids, offsets = self._model.encode(text, offsets=True)
+        first = next(i for i, (_, end) in enumerate(offsets) if end > key_char)
+        return text, len(ids), len(ids) - first
+
+    def build(self, key: int, target_tokens: int, distance: int) -> PasskeyPrompt:
+        _, n0, k0 = self.measure(key, 0, 0)
+        head = n0 - k0  # tokens before the key when there is no filler in front of it
+        if n0 > target_tokens:
+            raise UserError(
+                f"passkey prompt length {target_tokens} is shorter than the prompt's fixed text "
+                f"({n0} tokens with no filler): use a longer length"
+            )
+        want_k = min(max(distance, k0), target_tokens - head)
+        a, b = self._starts.get((target_tokens, distance), (0, 0))
+        _, n, k = self.measure(key, a, b)
+        for _ in range(_MAX_FIT_STEPS):
+            b_new = self._words_for(self._cum_at(b) + want_k - k)
+            a_new = self._words_for(self._cum_at(a) + (target_tokens - n) - (want_k - k))
+            if (a_new, b_new) == (a, b):
+                break
+            a, b = a_new, b_new
+            _, n, k = self.measure(key, a, b)
+        # The word grid cannot always hit the length exactly: never exceed it (HFLM would cut the
+        # task description off the front), give up filler before the key first.
+        while n > target_tokens:
+            a, b = (a - 1, b) if a > 0 else (a, b - 1)
+            _, n, k = self.measure(key, a, b)
+        self._starts[(target_tokens, distance)] = (a, b)
+        text, n, k = self.measure(key, a, b)
+        return PasskeyPrompt(text, key, target_tokens, n, distance, k)
+
+    def _cum_at(self, words: int) -> int:
+        self._extend(words)
+        return self._cum[words]
+
+    def _words_for(self, tokens: int) -> int:
+        """The most filler words whose tokens do not exceed ``tokens`` (0 if none fit)."""
+        if tokens <= 0:
+            return 0
+        while self._cum[-1] <= tokens:
+            self._extend(2 * len(self._cum) + 64)
+        return bisect.bisect_right(self._cum, tokens) - 1
+
+    def _extend(self, words: int) -> None:
+        if words < len(self._cum):
+            return
+        text = filler(words)
+        enc = self._model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [s for s, _ in enc["offset_mapping"]]
+        ends, pos = [], 0
+        for w in range(words):
+            pos += len(_FILLER_WORDS[w % len(_FILLER_WORDS)]) + (1 if w else 0)
+            ends.append(pos)
+        self._cum = [0] + [bisect.bisect_left(starts, e) for e in ends]
+
+
+def distances(length: int, num_distances: int = PASSKEY_NUM_DISTANCES) -> list[int]:
+    """The grid k_i = i * L' / n, i = 1..n, uniform over (0, L'] (rounded to whole tokens)."""
+    if num_distances < 1:
+        raise UserError(f"passkey num_distances must be >= 1 (got {num_distances})")
+    grid = [round(length * i / num_distances) for i in range(1, num_distances + 1)]
+    if len(set(grid)) < len(grid) or grid[0] < 1:
+        raise UserError(
+            f"passkey length {length} is too short for {num_distances} distinct distances: "
+            f"use a length >= {num_distances} or fewer num_distances"
+        )
+    return grid
+
+
+def random_key(rng: random.Random) -> int:
+    return rng.randint(10 ** (PASSKEY_KEY_DIGITS - 1), 10**PASSKEY_KEY_DIGITS - 1)
+
+
+def generate(
+    model: TaskModel,
+    lengths: Iterable[int],
+    trials: int = PASSKEY_TRIALS,
+    num_distances: int = PASSKEY_NUM_DISTANCES,
+    seed: int = DEFAULT_SEED,
+    max_gen_toks: int = DEFAULT_GEN_TOKS,
+) -> list[dict[str, Any]]:
+    """One row per prompt: length x distance x trial, keys drawn from ``Random(f"{seed}:{length}")``.
+
+    Seeding per length makes a length's prompts the same whatever other lengths are requested.
+    """
+    if trials < 1:
+        raise UserError(f"passkey trials must be >= 1 (got {trials})")
+    builder = PromptBuilder(model)
+    rows = []
+    for length in lengths:
+        if model.window is not None and length > model.window:
+            raise UserError(
+                f"passkey length {length} exceeds the model's window {model.window}: the harness "
+                f"would left-truncate the prompt. Use lengths <= {model.window}, or pass "
+                f"--model_args ...,max_length={length} to evaluate beyond the window on purpose"
+            )
+        if max_gen_toks >= length:
+            raise UserError(f"passkey max_gen_toks {max_gen_toks} leaves no room for a prompt of length {length}")
+        rng = random.Random(f"{seed}:{length}")
+        for k in distances(length, num_distances):
+            for trial in range(trials):
+                p = builder.build(random_key(rng), length - max_gen_toks, k)
+                rows.append(
+                    {
+                        "prompt": p.text,
+                        "key": str(p.key),
+                        "length": length,
+                        "k": k,
+                        "k_tokens": p.distance_tokens,
+                        "prompt_tokens": p.tokens,
+                        "max_gen_toks": max_gen_toks,
+                        "trial": trial,
+                    }
+                )
+    return rows
+
+
+def first_integer(text: str) -> int | None:
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
+
+
+def k_max(success: Mapping[int, float], threshold: float = PASSKEY_MIN_SUCCESS) -> int:
+    """The largest k such that every k' <= k has success rate >= threshold; 0 if the smallest fails."""
+    best = 0
+    for k in sorted(success):
+        if success[k] < threshold:
+            break
+        best = k
+    return best
+
+
+def success_rates(outcomes: Iterable[tuple[int, bool]]) -> dict[int, float]:
+    """Per-distance success rate from (k, correct) pairs."""
+    hits: dict[int, list[bool]] = defaultdict(list)
+    for k, correct in outcomes:
+        hits[k].append(bool(correct))
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any]:
+    """Per prompt: ``acc_<L>`` (0/1) and the ``k_max_<L>`` item, which also logs the parsed answer."""
+    answer = first_integer(results[0])
+    correct = answer == int(doc["key"])
+    length = doc["length"]
+    return {
+        f"acc_{length}": float(correct),
+        f"k_max_{length}": {"k": doc["k"], "k_tokens": doc["k_tokens"], "answer": answer, "correct": correct},
+    }
+
+
+def aggregate_k_max(items: list[Mapping[str, Any]]) -> int:
+    return k_max(success_rates((item["k"], item["correct"]) for item in items))
+
+
+def heat_map(samples: Iterable[Mapping[str, Any]]) -> dict[int, dict[int, float]]:
+    """{length: {k: success rate}} from lm-eval ``--log_samples`` records of the passkey task."""
+    by_length: dict[int, list[tuple[int, bool]]] = defaultdict(list)
+    for sample in samples:
+        doc = sample["doc"]
+        item = sample[f"k_max_{doc['length']}"]
+        by_length[doc["length"]].append((doc["k"], item["correct"]))
+    return {length: success_rates(outcomes) for length, outcomes in sorted(by_length.items())}
+
+
+# ---------------------------------------------------------------- lm-eval glue (tasks/passkey/)
+
+
+def _int_list(value: Any, name: str) -> list[int]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise UserError(f"passkey metadata {name} must be a positive integer or a list of them (got {value!r})")
+    return list(values)
+
+
+def build_dataset(**metadata: Any):
+    """``custom_dataset`` hook: the prompts for ``metadata`` (task metadata merged with model_args).
+
+    Keys: ``lengths`` (default: the model's window, i.e. L' of ``pi_llama``), ``trials``,
+    ``num_distances``, ``seed``, ``max_gen_toks`` (tokens left free for the answer; the task
+    generates exactly that many).
+    """
+    import datasets
+
+    from pieval import task_model
+
+    model = task_model.from_metadata(metadata, "passkey")
+    if metadata.get("lengths") is not None:
+        lengths = _int_list(metadata["lengths"], "lengths")
+    elif model.window is not None:
+        lengths = [model.window]
+    else:
+        raise UserError(
+            "passkey cannot tell the model's window: pass --metadata '{\"lengths\": [L]}' "
+            "or --model_args ...,max_length=L"
+        )
+    rows = generate(
+        model,
+        lengths,
+        trials=_int_list(metadata.get("trials", PASSKEY_TRIALS), "trials")[0],
+        num_distances=_int_list(metadata.get("num_distances", PASSKEY_NUM_DISTANCES), "num_distances")[0],
+        seed=metadata.get("seed", DEFAULT_SEED),
+        max_gen_toks=_int_list(metadata.get("max_gen_toks", DEFAULT_GEN_TOKS), "max_gen_toks")[0],
+    )
+    return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
+
+
+class PasskeyTask(ConfigurableTask):
+    """The ``passkey`` task: a ConfigurableTask whose metrics are named after the lengths run.
+
+    lm-eval's ``metric_list`` is static, and ``k_max`` needs its own aggregation over all prompts of
+    a length, so ``acc_<L>`` and ``k_max_<L>`` are registered once the prompts exist.
+    """
+
+    def __init__(self, config: dict | None = None):
+        config = {k: v for k, v in (config or {}).items() if k != "class"}
+        super().__init__(config=config)
+        # The prompts were sized for this many answer tokens: generate exactly that many.
+        self.config.generation_kwargs["max_gen_toks"] = self.dataset["test"][0]["max_gen_toks"]
+        for length in sorted(set(self.dataset["test"]["length"])):
+            self._aggregation_list[f"acc_{length}"] = mean
+            self._aggregation_list[f"k_max_{length}"] = aggregate_k_max
+            self._higher_is_better[f"acc_{length}"] = True
+            self._higher_is_better[f"k_max_{length}"] = True
+
+    def construct_requests(self, doc, ctx, **kwargs):
+        check_generation_budget("passkey", self.config.generation_kwargs, doc["max_gen_toks"])
+        return super().construct_requests(doc, ctx, **kwargs)
