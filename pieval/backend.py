@@ -17,11 +17,12 @@ from lm_eval.models.utils import normalize_gen_kwargs
 
 from pieval import rope
 from pieval.errors import UserError
+from pieval.perplexity import SlidingWindowMixin
 
 log = logging.getLogger(__name__)
 
 
-class PILlama(HFLM):
+class PILlama(SlidingWindowMixin, HFLM):
     """HFLM + ``scaling_factor=s`` | ``context_length=L'`` and ``rope_method=pi|ntk|dynamic|yarn``.
 
     No factor = the checkpoint as saved. ``max_length`` defaults to L' = round(s·L).

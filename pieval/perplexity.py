@@ -149,13 +149,18 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _largest_power_of_two(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
 def _window_problem(window, stride) -> str | None:
     if not _is_int(window) or window < 2:
         return f"window {window!r} must be an integer >= 2 (BOS plus at least one document token)"
     if _is_int(stride) and stride > window - 1:
         return (
             f"stride {stride} > W-1 = {window - 1} for window {window}: tokens between windows "
-            f"would never be scored; use a stride <= {window - 1} or a larger window"
+            f"would never be scored; pass a stride <= {window - 1} (--metadata '{{\"stride\": "
+            f"{_largest_power_of_two(window - 1)}}}') or larger windows"
         )
     return None
 
