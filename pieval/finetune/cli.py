@@ -1,0 +1,59 @@
+"""`pieval finetune`: options generated from `FinetuneConfig`, so the CLI and config files agree.
+
+Precedence: the dataclass defaults (the paper's recipe) < ``--config FILE`` (YAML or JSON) <
+options on the command line. Example (the CPU demo, models/recipes/kjv_tiny_cpu.yaml)::
+
+    pieval finetune --config models/recipes/kjv_tiny_cpu.yaml --output runs/kjv-pi4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from pieval.finetune.config import FinetuneConfig
+
+_FLAG_NAMES = {"scaling_factor": ["--scaling-factor", "-s"]}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of settings (command-line options override it)")
+    hints = typing.get_type_hints(FinetuneConfig)
+    for f in dataclasses.fields(FinetuneConfig):
+        flags = _FLAG_NAMES.get(f.name, [f"--{f.name.replace('_', '-')}"])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_ = f"{f.metadata['help']} (default: {_show(default)})"
+        if hints[f.name] is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        else:
+            # Values stay strings here; FinetuneConfig.build coerces them with the file's values.
+            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(hints[f.name]), help=help_)
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    settings = FinetuneConfig.from_file(args.config) if getattr(args, "config", None) else {}
+    settings.update({k: v for k, v in vars(args).items() if k not in ("config", "command")})
+    return FinetuneConfig.build(settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from pieval.finetune.recipe import finetune  # torch/transformers only once the settings are valid
+
+    finetune(config)
+    return 0
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value).replace("%", "%%")
+
+
+def _metavar(hint) -> str:
+    text = str(hint)
+    for name, meta in (("list", "A,B"), ("dict", "JSON"), ("float", "X"), ("int", "N")):
+        if name in text:
+            return meta
+    return "STR"

@@ -1,0 +1,262 @@
+"""The fine-tuning recipe's settings: one typed dataclass, loadable from YAML/JSON, overridable from the CLI.
+
+Defaults are the paper's recipe (`pieval.protocol`, Sec. 3.1). The command line is generated
+from the fields (each field's ``help`` metadata), so a setting exists once: in this file.
+`validate` collects every invalid setting into one `ConfigError`, as litgpt's
+``validate_args`` does, so a user fixes a config in one round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pieval import protocol
+from pieval.errors import UserError
+
+# The paper fine-tunes on the Pile; this is its public copy without the copyrighted subsets
+# (plain jsonl.zst files, so `datasets` streams it without a loading script).
+DEFAULT_HUB_DATA = "monology/pile-uncopyrighted"
+# SCROLLS' GovReport (the split the paper's 16K model is fine-tuned on; fields input/output).
+DEFAULT_GOVREPORT_DATA = "tau/scrolls"
+
+
+class ConfigError(UserError):
+    """One or more invalid settings; the message lists each with its fix."""
+
+
+def _opt(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class FinetuneConfig:
+    # --- what to fine-tune and how far to extend it
+    model: str | None = _opt(None, "base checkpoint: a local HF directory or a hub id (required)")
+    scaling_factor: float | None = _opt(None, "s = L'/L, relative to the checkpoint's trained window L")
+    context_length: int | None = _opt(None, "target window L' (alternative to --scaling-factor)")
+    method: str = _opt("pi", "pi: Position Interpolation; none: the paper's direct fine-tuning baseline (train at L', rope unchanged)")
+    task: str = _opt("lm", "lm: next-token loss on packed documents; govreport: PI prompt + summary, loss on the summary only")
+    trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you pass it)")
+    # --- data
+    data: str | None = _opt(None, f"local .txt/.jsonl/.parquet (.gz), directory of .txt, or a hub dataset id (default {DEFAULT_HUB_DATA}; {DEFAULT_GOVREPORT_DATA} for --task govreport)")
+    data_config: str | None = _opt(None, "hub dataset configuration (default gov_report for --task govreport)")
+    data_split: str = _opt("train", "hub dataset split")
+    data_revision: str | None = _opt(None, "hub dataset revision (commit or tag) for a reproducible stream")
+    text_field: str | None = _opt(None, "field holding the text (default text; input for --task govreport)")
+    summary_field: str = _opt("output", "field holding the reference summary (--task govreport)")
+    shuffle_buffer: int = _opt(10_000, "documents held for the seeded streaming shuffle (1 = file order)")
+    # --- the paper's optimisation recipe (Sec. 3.1)
+    max_steps: int = _opt(protocol.FINETUNE_STEPS, "optimizer steps")
+    global_batch: int = _opt(protocol.FINETUNE_GLOBAL_BATCH, "sequences per optimizer step, over all processes")
+    micro_batch: int = _opt(1, "sequences per forward pass per process (the rest is gradient accumulation)")
+    lr: float = _opt(protocol.FINETUNE_LR, "peak learning rate")
+    warmup_steps: int = _opt(protocol.FINETUNE_WARMUP_STEPS, "linear warm-up steps")
+    warmup_start: float = _opt(protocol.FINETUNE_WARMUP_START, "warm-up starts at this fraction of the peak lr")
+    betas: list[float] = _opt(list(protocol.FINETUNE_BETAS), "AdamW betas, e.g. 0.9,0.95")
+    weight_decay: float = _opt(protocol.FINETUNE_WEIGHT_DECAY, "AdamW weight decay")
+    # The paper does not state clipping; 1.0 is LLaMA's pre-training value. 0 disables it.
+    max_grad_norm: float = _opt(1.0, "gradient-norm clipping (0 = off)")
+    seed: int = _opt(0, "seed for data order and initialisation of anything random (LoRA)")
+    precision: str = _opt("auto", "auto (bf16 where the GPU has it, fp32 on CPU), bf16, fp16 or fp32")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
+    attn_implementation: str | None = _opt(None, "transformers attention kernel, e.g. sdpa or flash_attention_2")
+    # --- LoRA (peft); the merged model is what gets saved
+    lora: bool = _opt(False, "train LoRA adapters instead of all weights (checkpoints hold the merged model)")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA alpha")
+    lora_dropout: float = _opt(0.0, "LoRA dropout")
+    lora_target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
+    # --- output, checkpoints, resume
+    output: str | None = _opt(None, "run directory (required)")
+    save_every: int = _opt(200, "save a checkpoint every N steps (and always at the end)")
+    keep_training_state: int = _opt(2, "keep optimizer/RNG state in only the newest N checkpoints (0 = all)")
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in --output")
+    overwrite: bool = _opt(False, "replace a different run found in --output")
+    # --- evaluate as it trains
+    eval_tasks: list[str] = _opt([], "lm-eval tasks run on each evaluated checkpoint, e.g. passkey,pg19_ppl")
+    eval_every: int | None = _opt(None, "evaluate every N steps (default: every saved checkpoint); step 0 and the end are always evaluated")
+    eval_limit: float | None = _opt(None, "lm-eval --limit (documents per task) for quick runs")
+    eval_batch_size: int = _opt(1, "lm-eval batch size")
+    eval_metadata: dict = _opt({}, 'lm-eval --metadata for the tasks, JSON, e.g. {"data_path": "books/"}')
+    eval_include_path: str | None = _opt(None, "extra directory of lm-eval task YAMLs")
+    # --- logging
+    log_with: str | None = _opt(None, "also log to tensorboard or wandb (must be installed)")
+    progress: bool = _opt(True, "show a progress bar")
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict:
+        """The settings in a YAML or JSON file, as a dict (keys may use - or _)."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)} - {"config"})
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown} in {path}; known: {', '.join(f.name for f in dataclasses.fields(cls))}")
+        data.pop("config", None)
+        return data
+
+    @classmethod
+    def build(cls, settings: dict) -> FinetuneConfig:
+        """Coerce values (strings from the CLI, numbers from YAML) to the field types, then validate."""
+        errors, values = [], {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in settings:
+                try:
+                    values[f.name] = _coerce(settings[f.name], hints[f.name])
+                except (TypeError, ValueError) as e:
+                    errors.append(f"{f.name}={settings[f.name]!r}: {e}")
+        if errors:
+            raise ConfigError("invalid settings:\n  " + "\n  ".join(errors))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step in a single process (`steps_per_process` for several)."""
+        return self.global_batch // self.micro_batch
+
+    def hub_config(self) -> str | None:
+        return self.data_config or ("gov_report" if self.task == "govreport" and self.data in (None, DEFAULT_GOVREPORT_DATA) else None)
+
+    def field_of_text(self) -> str:
+        return self.text_field or ("input" if self.task == "govreport" else "text")
+
+    def data_source(self) -> str:
+        return self.data or (DEFAULT_GOVREPORT_DATA if self.task == "govreport" else DEFAULT_HUB_DATA)
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> None:
+        e = []
+        if not self.model:
+            e.append("model is required: --model PATH_OR_HUB_ID")
+        if not self.output:
+            e.append("output is required: --output DIR (the run directory)")
+        if self.scaling_factor is not None and self.context_length is not None:
+            e.append("pass either --scaling-factor or --context-length, not both")
+        if self.scaling_factor is not None and not (math.isfinite(self.scaling_factor) and self.scaling_factor >= 1):
+            e.append(f"scaling_factor must be >= 1 (got {self.scaling_factor}): PI compresses positions into the trained window; s = L'/L")
+        if self.context_length is not None and self.context_length < 1:
+            e.append(f"context_length must be a positive number of tokens (got {self.context_length})")
+        if self.method not in ("pi", "none"):
+            e.append(f"method must be pi or none (got {self.method!r})")
+        if self.task not in ("lm", "govreport"):
+            e.append(f"task must be lm or govreport (got {self.task!r})")
+        for name in ("max_steps", "global_batch", "micro_batch", "save_every", "shuffle_buffer", "lora_r", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                e.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.micro_batch >= 1 and self.global_batch % self.micro_batch:
+            e.append(
+                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch}); "
+                f"e.g. --micro-batch {math.gcd(self.global_batch, self.micro_batch)}"
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            e.append(f"lr must be a positive number (got {self.lr})")
+        if self.warmup_steps < 0:
+            e.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not 0 < self.warmup_start <= 1:
+            e.append(f"warmup_start must be in (0, 1] (got {self.warmup_start})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            e.append(f"betas must be two numbers in [0, 1), e.g. 0.9,0.95 (got {self.betas})")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.keep_training_state < 0 or self.lora_dropout < 0:
+            e.append("weight_decay, max_grad_norm, keep_training_state and lora_dropout must be >= 0")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            e.append(f"precision must be auto, bf16, fp16 or fp32 (got {self.precision!r})")
+        if self.eval_every is not None and self.eval_every < 1:
+            e.append(f"eval_every must be >= 1 (got {self.eval_every})")
+        if self.eval_every is not None and not self.eval_tasks:
+            e.append("eval_every needs --eval-tasks (e.g. --eval-tasks passkey,pg19_ppl)")
+        if self.log_with not in (None, "tensorboard", "wandb"):
+            e.append(f"log_with must be tensorboard or wandb (got {self.log_with!r})")
+        if self.resume and self.overwrite:
+            e.append("pass --resume (continue the run in --output) or --overwrite (start it again), not both")
+        if e:
+            raise ConfigError("invalid fine-tuning settings:\n  " + "\n  ".join(e))
+
+
+# Settings that may change when a run is resumed (extend it, evaluate more, log differently);
+# every other setting defines the run, and a different value means a different run.
+RUNTIME_FIELDS = frozenset(
+    {
+        "max_steps", "save_every", "keep_training_state", "resume", "overwrite", "micro_batch",
+        "gradient_checkpointing", "attn_implementation", "eval_tasks", "eval_every", "eval_limit",
+        "eval_batch_size", "eval_metadata", "eval_include_path", "log_with", "progress", "output",
+    }
+)  # fmt: skip
+
+
+def run_identity(config: FinetuneConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def _coerce(value, hint):
+    """A CLI string or YAML value as the field's type (``int | None``, ``list[str]``, ...)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0])
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list or a comma-separated string, got {type(value).__name__}")
+        return [_coerce(v, item) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a JSON object ({e.msg})") from None
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping, got {type(value).__name__}")
+        return value
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError("expected true or false")
+    if origin is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or isinstance(value, float):
+            raise TypeError("expected an integer")
+        return int(value)
+    if origin is float:
+        if isinstance(value, bool):
+            raise TypeError("expected a number")
+        return float(value)
+    if origin is str:
+        return str(value)
+    raise TypeError(f"unsupported setting type {hint}")

@@ -1,0 +1,160 @@
+"""Evaluate checkpoints as the run goes: lm-eval tasks through pieval's `pi_llama` backend.
+
+Layout under ``--output DIR``::
+
+    eval/results.jsonl                 one line per evaluated checkpoint:
+                                       {"step", "checkpoint", "tokens", "tasks", "metrics": {task: {metric: value}}}
+    eval/table.csv                     the same as a table, one row per step (the paper's Tables 3/4)
+    eval/checkpoint-000200/results_<date>.json   lm-eval's full results JSON (what `lm_eval
+                                       --output_path` writes), read by `pieval leaderboard`
+
+The checkpoint is loaded from disk by lm-eval exactly as a user would load it, without any
+scaling argument: what is measured is what was saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import random
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from pieval import atomic
+
+EVAL_DIR = "eval"
+RESULTS_FILE = "results.jsonl"
+TABLE_FILE = "table.csv"
+
+
+def read_results(output: Path) -> list[dict]:
+    path = output / EVAL_DIR / RESULTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluated_steps(output: Path) -> set[int]:
+    return {row["step"] for row in read_results(output)}
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    """lm-eval reseeds the global RNGs; keep training's, so evaluating never changes the loss curve."""
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class Evaluator:
+    """Runs ``tasks`` on a checkpoint directory and records the metrics for the run."""
+
+    def __init__(
+        self,
+        output: Path,
+        tasks: list[str],
+        device: str,
+        batch_size: int = 1,
+        limit: float | None = None,
+        metadata: dict | None = None,
+        include_path: str | None = None,
+    ):
+        self.output, self.tasks, self.device = output, tasks, device
+        self.batch_size, self.limit, self.metadata, self.include_path = batch_size, limit, metadata or {}, include_path
+        self._manager = None
+
+    def _task_manager(self):
+        from lm_eval.tasks import TaskManager
+
+        from pieval.paths import tasks_dir
+
+        if self._manager is None:
+            paths = [str(tasks_dir())] + ([self.include_path] if self.include_path else [])
+            # Indexing lm-eval's ~15k built-in tasks takes ~25 s: skip it when pieval's own tasks suffice.
+            own = TaskManager(include_path=paths, include_defaults=False)
+            self._manager = own if all(t in own.all_tasks for t in self.tasks) else TaskManager(include_path=paths)
+        return self._manager
+
+    def evaluate(self, checkpoint: Path, step: int, tokens: int) -> dict:
+        """Evaluate one checkpoint; append its metrics to eval/results.jsonl and eval/table.csv."""
+        import lm_eval
+        from lm_eval.loggers import EvaluationTracker
+        from lm_eval.utils import handle_non_serializable
+
+        from pieval import lmeval
+
+        lmeval.activate()  # registers pi_llama (a no-op when the import hook already did)
+        tracker = EvaluationTracker()
+        with _rng_kept():
+            results = lm_eval.simple_evaluate(
+                model="pi_llama",
+                model_args={"pretrained": str(checkpoint)},
+                tasks=list(self.tasks),
+                batch_size=self.batch_size,
+                device=self.device,
+                limit=self.limit,
+                task_manager=self._task_manager(),
+                metadata=dict(self.metadata),
+                log_samples=False,
+                evaluation_tracker=tracker,
+            )
+        if results is None:  # non-zero rank of a distributed lm-eval run
+            return {}
+        results.update({"task_hashes": {}, **dataclasses.asdict(tracker.general_config_tracker)})
+        date = datetime.now().isoformat().replace(":", "-")
+        full = self.output / EVAL_DIR / checkpoint.name / f"results_{date}.json"
+        atomic.write_text(full, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        row = {
+            "step": step,
+            "checkpoint": checkpoint.name,
+            "tokens": tokens,
+            "tasks": list(self.tasks),
+            "metrics": metrics_of(results),
+            "results_file": str(full.relative_to(self.output)),
+        }
+        rows = [r for r in read_results(self.output) if r["step"] != step] + [row]
+        rows.sort(key=lambda r: r["step"])
+        atomic.write_text(self.output / EVAL_DIR / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic.write_text(self.output / EVAL_DIR / TABLE_FILE, table_csv(rows))
+        return row
+
+
+def metrics_of(results: dict) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from lm-eval's results, without stderr entries; the "none" filter unnamed."""
+    out = {}
+    for task, values in results.get("results", {}).items():
+        metrics = {}
+        for key, value in values.items():
+            name, _, filt = key.partition(",")
+            if not filt or "_stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metrics[name if filt == "none" else key] = value
+        out[task] = metrics
+    return out
+
+
+def table_csv(rows: list[dict]) -> str:
+    """Steps as rows, task/metric as columns: the shape of the paper's Tables 3 and 4."""
+    columns = sorted({f"{t}/{m}" for r in rows for t, ms in r["metrics"].items() for m in ms})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "tokens", *columns])
+    for r in rows:
+        flat = {f"{t}/{m}": v for t, ms in r["metrics"].items() for m, v in ms.items()}
+        w.writerow([r["step"], r["tokens"], *(flat.get(c, "") for c in columns)])
+    return buf.getvalue()

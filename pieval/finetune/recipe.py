@@ -1,0 +1,328 @@
+"""The Position Interpolation fine-tuning recipe, top to bottom (Chen et al. 2023, Sec. 3.1).
+
+1. Read the checkpoint's config, write the interpolation into it (``pieval.rope``) and only
+   then build the model, so the rotary frequencies are base/s from the first step.
+2. Stream documents in a seeded order and pack them into sequences of exactly L' tokens.
+3. AdamW (0.9, 0.95), no weight decay, lr 2e-5 after a 20-step linear warm-up from 10%,
+   64 sequences per step through gradient accumulation, bf16 on GPUs that have it.
+4. Every ``save_every`` steps and at the end, write a plain Hugging Face checkpoint (and the
+   state to resume from); optionally evaluate it with lm-eval tasks.
+
+Devices, mixed precision, gradient accumulation and multi-GPU (DDP, FSDP, DeepSpeed through
+``accelerate launch``) are accelerate's; this file holds no distribution code of its own.
+Each process reads the same global stream of sequences and trains on its own slice of every
+global batch, so the data order and the loss normalisation do not depend on the number of
+processes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pieval import rope
+from pieval.documents import HubSource, iter_documents
+from pieval.errors import UserError
+from pieval.finetune import checkpoint as ckpt
+from pieval.finetune.config import FinetuneConfig, run_identity
+from pieval.finetune.data import DataPosition, PackedSequences, SupervisedExamples, collate, predicted_tokens
+from pieval.finetune.evaluate import Evaluator, evaluated_steps
+
+
+# ---------------------------------------------------------------- the optimisation recipe
+
+
+def lr_factor(step: int, warmup_steps: int, warmup_start: float) -> float:
+    """Fraction of the peak lr used by optimizer step ``step`` (0-based): linear warm-up, then constant."""
+    if step >= warmup_steps:
+        return 1.0
+    return warmup_start + (1.0 - warmup_start) * step / warmup_steps
+
+
+def build_optimizer(params, config: FinetuneConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer, config: FinetuneConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config.warmup_steps, config.warmup_start)
+    )
+
+
+# ---------------------------------------------------------------- model and data
+
+
+def load_model(config: FinetuneConfig):
+    """(model, tokenizer, rope spec, dtype to save in): the model built with the interpolation in place."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    remote = config.trust_remote_code
+    try:
+        hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=remote)
+        tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=remote)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load --model {config.model!r}: {str(e).splitlines()[0]}") from None
+    if config.scaling_factor is None and config.context_length is None and rope.saved_factor(hf_config) == 1.0:
+        raise UserError(
+            f"--model {config.model} is not extended yet: pass --scaling-factor S or --context-length L' "
+            f"(its trained window is L = {rope.base_window(hf_config)})"
+        )
+    spec = rope.resolve(hf_config, config.scaling_factor, config.context_length, "pi")
+    if config.method == "pi":
+        rope.apply(hf_config, spec)
+    else:  # direct fine-tuning: positions as trained, the window just gets longer
+        hf_config.max_position_embeddings = spec.context_length
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of {config.model} has no EOS token, which separates packed documents")
+    save_dtype = hf_config.dtype if isinstance(hf_config.dtype, torch.dtype) else torch.float32
+    kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    try:
+        # fp32 master weights; accelerate's autocast gives the bf16 compute
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model, config=hf_config, dtype=torch.float32, trust_remote_code=remote, **kwargs
+        )
+    except ValueError as e:
+        raise UserError(f"cannot build a causal LM from {config.model!r}: {str(e).splitlines()[0]}") from None
+    if config.method == "pi":
+        rope.verify(model, spec)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=list(config.lora_target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model, tokenizer, spec, save_dtype
+
+
+def training_examples(config: FinetuneConfig, tokenizer, length: int, position: DataPosition | None):
+    """The run's infinite example stream, resumed at ``position``."""
+    data = config.data_source()
+    local = Path(data).expanduser()
+    looks_local = local.exists() or data.startswith(("/", ".", "~")) or local.suffix in (".txt", ".jsonl", ".gz", ".parquet")
+    hub = None if looks_local else HubSource(data, config.hub_config(), config.data_split, config.data_revision, config.field_of_text())
+
+    def documents():
+        return iter_documents(str(local) if looks_local else None, hub, config.field_of_text())
+
+    if config.task == "govreport":
+        return SupervisedExamples(documents, _govreport_maker(config, tokenizer, length), config.seed, config.shuffle_buffer, position)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return PackedSequences(documents, encode, tokenizer.eos_token_id, length, config.seed, config.shuffle_buffer, position)
+
+
+def _govreport_maker(config: FinetuneConfig, tokenizer, length: int) -> Callable:
+    from pieval.finetune.govreport import example_maker
+
+    return example_maker(tokenizer, length, config.summary_field)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def finetune(config: FinetuneConfig) -> Path:
+    """Run (or resume) the recipe; return the final checkpoint directory."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+
+    output = Path(config.output).expanduser()
+    procs = PartialState().num_processes
+    if config.global_batch % (config.micro_batch * procs):
+        raise UserError(
+            f"global_batch {config.global_batch} is not a multiple of micro_batch {config.micro_batch} x "
+            f"{procs} processes; pick --micro-batch so that micro_batch * processes divides it"
+        )
+    per_process = config.global_batch // procs
+    accum = per_process // config.micro_batch
+    accelerator = Accelerator(
+        gradient_accumulation_steps=accum,
+        mixed_precision=_mixed_precision(config.precision),
+        log_with=_tracker(config.log_with),
+        project_dir=str(output / "logs"),
+    )
+    bar = None
+
+    def log(msg: str) -> None:
+        if accelerator.is_main_process:
+            (bar.write if bar is not None else print)(msg)
+
+    # 1. run directory, model with the interpolation in place
+    settings = config.to_dict()
+    if accelerator.is_main_process:
+        ckpt.prepare_run_dir(output, run_identity(config), settings, config.resume, config.overwrite)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+    model, tokenizer, spec, save_dtype = load_model(config)
+    L_ = spec.context_length
+    log(
+        f"{config.method}: {config.model} L={spec.base_window} -> L'={L_} (s={spec.factor:g}), "
+        f"{_count(model)} trainable parameters, {procs} process(es) x {accum} micro-batches of {config.micro_batch}"
+    )
+
+    # 2. optimizer and schedule; accelerate wraps the model first (FSDP shards it before the optimizer sees it)
+    model = accelerator.prepare(model)
+    optimizer = accelerator.prepare(build_optimizer([p for p in model.parameters() if p.requires_grad], config))
+    scheduler = build_scheduler(optimizer.optimizer, config)
+    # Stepped once per optimizer step by us (a prepared scheduler steps once per process).
+    accelerator.register_for_checkpointing(scheduler)
+
+    # 3. resume: weights, optimizer, schedule, RNG and data position of the newest good checkpoint
+    state = ckpt.load_newest(accelerator, output, log) if config.resume else None
+    step = state["step"] if state else 0
+    tokens_seen = state["tokens_seen"] if state else 0
+    position = DataPosition.from_dict(state["data_position"]) if state else None
+    if accelerator.is_main_process:
+        ckpt.rewrite_metrics(output, ckpt.read_metrics(output, step))
+    examples = training_examples(config, tokenizer, L_, position)
+
+    evaluator = None
+    if config.eval_tasks:
+        evaluator = Evaluator(
+            output, config.eval_tasks, str(accelerator.device), config.eval_batch_size,
+            config.eval_limit, config.eval_metadata, config.eval_include_path,
+        )  # fmt: skip
+    eval_every = config.eval_every or config.save_every
+
+    def eval_due(s: int) -> bool:
+        return evaluator is not None and (s == 0 or s % eval_every == 0 or s == config.max_steps)
+
+    def save(s: int, loss: float | None, lr: float | None) -> Path:
+        trainer_state = {
+            "step": s, "tokens_seen": tokens_seen, "loss": loss, "lr": lr,
+            "data_position": examples.position.to_dict(),
+            "rope": {"method": config.method, "factor": spec.factor, "base_window": spec.base_window,
+                     "context_length": L_, "theta": spec.theta},
+        }  # fmt: skip
+        path = ckpt.save_checkpoint(accelerator, model, tokenizer, output, s, settings, trainer_state, save_dtype)
+        if accelerator.is_main_process:
+            ckpt.prune_training_state(output, config.keep_training_state)
+        return path
+
+    def evaluate(s: int, path: Path) -> None:
+        if accelerator.is_main_process:
+            row = evaluator.evaluate(path, s, tokens_seen)
+            log(f"eval step {s}: " + "; ".join(f"{t} {m}" for t, m in row.get("metrics", {}).items()))
+        accelerator.wait_for_everyone()
+
+    # Evaluations a killed run saved a checkpoint for but never ran.
+    if evaluator is not None:
+        done = evaluated_steps(output)
+        for s, path in ckpt.checkpoints(output):
+            if s <= step and eval_due(s) and s not in done:
+                evaluate(s, path)
+    if step == 0 and eval_due(0):
+        evaluate(0, save(0, None, None))  # the interpolated model before any training (the paper's step 0)
+
+    # 4. the loop
+    from tqdm.auto import tqdm
+
+    if config.log_with:
+        accelerator.init_trackers("pieval-finetune", config={k: str(v) for k, v in settings.items()})
+    bar = tqdm(total=config.max_steps, initial=step, disable=not (config.progress and accelerator.is_main_process), unit="step")
+    rank = accelerator.process_index
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    last = None
+    if step >= config.max_steps:
+        log(f"run already at step {step} (--max-steps {config.max_steps}): nothing to train")
+    while step < config.max_steps:
+        t0 = time.perf_counter()
+        batch = [next(examples) for _ in range(config.global_batch)]  # the same global batch on every process
+        mine = batch[rank * per_process : (rank + 1) * per_process]
+        # Normalise by the global count of predicted tokens: accelerate divides by `accum`, DDP/FSDP average
+        # over processes, so each micro-batch's summed NLL is scaled back up by both.
+        scale = accum * procs / predicted_tokens(batch)
+        lr = scheduler.get_last_lr()[0]
+        nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        model.train()
+        try:
+            for i in range(accum):
+                micro = collate(mine[i * config.micro_batch : (i + 1) * config.micro_batch], pad_id)
+                micro = {k: v.to(accelerator.device) for k, v in micro.items()}
+                with accelerator.accumulate(model):
+                    loss_sum = summed_nll(model, micro)
+                    accelerator.backward(loss_sum * scale)
+                nll += loss_sum.detach().double()
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            raise UserError(
+                f"out of memory on {accelerator.device} with micro-batches of {config.micro_batch} x {L_} tokens: "
+                "pass --gradient-checkpointing, a smaller --micro-batch (the global batch stays "
+                f"{config.global_batch} through accumulation), or --lora"
+            ) from None
+        scheduler.step()
+        step += 1
+        step_tokens = sum(len(e.input_ids) for e in batch)
+        tokens_seen += step_tokens
+        loss = (accelerator.reduce(nll, "sum") / predicted_tokens(batch)).item()
+        if not math.isfinite(loss):
+            raise UserError(f"the loss is {loss} at step {step}: lower --lr or use --precision fp32/bf16 instead of fp16")
+        elapsed = time.perf_counter() - t0
+        last = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_seen, "tokens_per_s": round(step_tokens / elapsed, 1)}
+        if accelerator.is_main_process:
+            ckpt.append_metrics(output, last)
+        if config.log_with:
+            accelerator.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": last["tokens_per_s"]}, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if step % config.save_every == 0 or step == config.max_steps or eval_due(step):
+            path = save(step, loss, lr)
+            if eval_due(step):
+                evaluate(step, path)
+    bar.close()
+    if config.log_with:
+        accelerator.end_training()
+    final = ckpt.checkpoint_dir(output, step)
+    if last is not None:
+        log(f"done: step {step}, loss {last['loss']:.4f}, final checkpoint {final}")
+    return final
+
+
+def summed_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token NLL over the labelled positions (fp32 log-softmax)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def _mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def _tracker(log_with: str | None) -> str | None:
+    if log_with is None:
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[log_with]():
+        raise UserError(f"--log-with {log_with}: the {log_with} package is not installed; pip install {log_with}")
+    return log_with
+
+
+def _count(model) -> str:
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
+
