@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import math
+
 import pandas as pd
 
 from pieval.leaderboard import provenance
@@ -217,3 +219,8 @@ def ppl_vs_steps(ppl_cells: list[Cell]) -> list[Cell]:
         for c in ppl_cells
         if int(c.column) == c.rid.L_prime and (c.rid.method != "none" or c.rid.steps > 0)
     ]
+
+
+def is_number(value) -> bool:
+    """A numeric cell (reference cells such as ">1000" and empty cells are not)."""
+    return isinstance(value, (int, float)) and not math.isnan(value)

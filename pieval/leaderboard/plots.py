@@ -1,0 +1,166 @@
+"""The leaderboard's figures (PNG + SVG), drawn headless with matplotlib's Agg backend.
+
+Measured rows only: reference rows live at another scale (LLaMA, L = 2048) and stay in the
+tables. SVG text is kept as text (``svg.fonttype = none``) so labels are searchable.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pieval import atomic  # noqa: E402
+from pieval.leaderboard import provenance, tables  # noqa: E402
+from pieval.leaderboard.build import Leaderboard  # noqa: E402
+from pieval.leaderboard.results import Problem, ResultsError, iter_samples  # noqa: E402
+
+_RC = {"svg.fonttype": "none", "svg.hashsalt": "pieval", "figure.dpi": 100}
+WINDOW_LABEL = "evaluation window W (tokens)"
+PPL_LABEL = "perplexity (token-weighted, log scale)"
+STEPS_LABEL = "fine-tune steps"
+KMAX_LABEL = "passkey k_max (tokens)"
+DISTANCE_LABEL = "passkey distance k from the end (tokens)"
+
+
+def _label(row) -> str:
+    steps = f", {int(row['steps'])} steps" if row["steps"] else ""
+    context = int(row["L'"])
+    return f"{row['model']} {row['method']} L'={context}{steps}"
+
+
+def save(fig, out_dir: Path, stem: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "svg"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else {"Software": None})
+        path = out_dir / f"{stem}.{ext}"
+        atomic.write_bytes(path, buf.getvalue())
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _measured(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["source"] == "measured"]
+
+
+def ppl_vs_window(frame: pd.DataFrame, windows: list[str], dataset: str, out_dir: Path) -> list[Path]:
+    """One line per model: perplexity over evaluation windows; L dashed, L' dotted."""
+    rows = _measured(frame)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, row in rows.iterrows():
+        xs = [int(w) for w in windows if tables.is_number(row[w])]
+        ax.plot(xs, [float(row[str(w)]) for w in xs], marker="o", label=_label(row))
+    for L in sorted(set(rows["L"])):
+        ax.axvline(L, color="k", linestyle="--", linewidth=0.8)
+        ax.annotate(f"L={int(L)}", (L, 1), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8)
+    for Lp in sorted(set(rows["L'"]) - set(rows["L"])):
+        ax.axvline(Lp, color="grey", linestyle=":", linewidth=0.8)
+        ax.annotate(f"L'={int(Lp)}", (Lp, 1), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(w) for w in windows], windows)
+    ax.set_yscale("log")
+    ax.set_xlabel(WINDOW_LABEL)
+    ax.set_ylabel(PPL_LABEL)
+    ax.set_title(f"{dataset}: perplexity vs evaluation window")
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, f"ppl_vs_window_{dataset}")
+
+
+def _lines(ax, rows: pd.DataFrame, group: list[str], x: str, y: str) -> None:
+    for key, g in rows.groupby(group, sort=True):
+        g = g.sort_values(x, kind="mergesort")
+        ax.plot(g[x].astype(float), g[y].astype(float), marker="o", label=" ".join(str(k) for k in key))
+
+
+def kmax_vs_steps(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    rows = _measured(frame)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _lines(ax, rows, ["base_model", "method", "length"], "steps", "k_max")
+    for length in sorted(set(rows["length"])):
+        ax.axhline(length, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel(STEPS_LABEL)
+    ax.set_ylabel(KMAX_LABEL)
+    ax.set_title("passkey effective window k_max vs fine-tune steps (dotted: target length)")
+    ax.legend(fontsize=7, title="base model, method, length")
+    return save(fig, out_dir, "kmax_vs_steps")
+
+
+def ppl_vs_steps(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    rows = _measured(frame)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _lines(ax, rows, ["base_model", "method", "benchmark", "window"], "steps", "ppl")
+    ax.set_yscale("log")
+    ax.set_xlabel(STEPS_LABEL)
+    ax.set_ylabel("perplexity at W = L' (log scale)")
+    ax.set_title("perplexity at the target window vs fine-tune steps")
+    ax.legend(fontsize=7, title="base model, method, data, W")
+    return save(fig, out_dir, "ppl_vs_steps")
+
+
+def passkey_success(board: Leaderboard, problems: list[Problem]) -> dict[int, dict[str, dict[int, float]]]:
+    """{length: {run label: {k: success rate}}} from the passkey samples logs (--log_samples)."""
+    from pieval.passkey import heat_map
+
+    out: dict[int, dict[str, dict[int, float]]] = {}
+    for rf in board.files:
+        for task, path in sorted(rf.samples.items()):
+            if tables.kind_of(rf, task) != "passkey" or provenance.missing(rf):
+                continue
+            rid = provenance.row_id(rf)
+            label = f"{rid.model} {rid.method}" + (f" {rid.steps} steps" if rid.steps else "")
+            try:
+                rates = heat_map(iter_samples(path))
+            except (ResultsError, KeyError, TypeError) as e:
+                problems.append(Problem(str(path), f"{path}: not a pieval passkey samples log ({type(e).__name__}: {e}); no heat map"))
+                continue
+            for length, by_k in rates.items():
+                out.setdefault(length, {})[label] = by_k
+    return out
+
+
+def passkey_heatmap(length: int, runs: dict[str, dict[int, float]], out_dir: Path) -> list[Path]:
+    """Success rate by distance k (rows) for each run (columns) at one target length."""
+    ks = sorted({k for by_k in runs.values() for k in by_k})
+    labels = sorted(runs)
+    grid = np.full((len(ks), len(labels)), np.nan)
+    for j, label in enumerate(labels):
+        for i, k in enumerate(ks):
+            grid[i, j] = runs[label].get(k, np.nan)
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(labels), 1.5 + 0.25 * len(ks)))
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_yticks(range(len(ks)), [str(k) for k in ks], fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(DISTANCE_LABEL)
+    ax.set_xlabel(f"model (target length {length})")
+    ax.set_title(f"passkey success rate, length {length}")
+    fig.colorbar(im, ax=ax, label="success rate")
+    return save(fig, out_dir, f"passkey_heatmap_{length}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def draw(board: Leaderboard, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths: list[Path] = []
+    with plt.rc_context(_RC):
+        for name, frame in sorted(board.tables.items()):
+            if name.startswith("ppl_") and name != "ppl_vs_steps" and len(_measured(frame)):
+                paths += ppl_vs_window(frame, board.metric_columns[name], _slug(name.removeprefix("ppl_")), out_dir)
+        if "passkey" in board.tables and len(_measured(board.tables["passkey"])):
+            paths += kmax_vs_steps(board.tables["passkey"], out_dir)
+        if "ppl_vs_steps" in board.tables and len(_measured(board.tables["ppl_vs_steps"])):
+            paths += ppl_vs_steps(board.tables["ppl_vs_steps"], out_dir)
+        for length, runs in sorted(passkey_success(board, board.problems).items()):
+            paths += passkey_heatmap(length, runs, out_dir)
+    return paths
