@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
+import lm_eval
 import pytest
 import torch
 from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, LlamaForCausalLM
 
@@ -246,3 +249,26 @@ def test_prebuilt_model_is_checked_not_rescaled(tiny_llama_dir):
     assert lm.rope.method == "none" and lm.max_length == L
     with pytest.raises(UserError, match="need a checkpoint path"):
         PILlama(pretrained=model, tokenizer=str(tiny_llama_dir), scaling_factor=4)
+
+
+def test_simple_evaluate_records_pieval_config(tiny_llama_dir, long_text, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": long_text[i : i + 3000]}) + "\n" for i in (0, 3000)))
+    (tmp_path / "smoke.yaml").write_text(
+        "task: pieval_backend_smoke\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {docs}\n"
+        "test_split: test\n"
+        "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\n'
+        'doc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"
+    )
+    results = lm_eval.simple_evaluate(
+        model=load(tiny_llama_dir, scaling_factor=4),
+        tasks=["pieval_backend_smoke"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+    )
+    assert results["results"]["pieval_backend_smoke"]["word_perplexity,none"] > 1
+    provenance = results["config"]["pieval"]
+    assert (provenance["factor"], provenance["context_length"], provenance["rope_type"]) == (4.0, 4 * L, "linear")
