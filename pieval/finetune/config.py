@@ -24,8 +24,6 @@ from pieval.errors import UserError
 # The paper fine-tunes on the Pile; this is its public copy without the copyrighted subsets
 # (plain jsonl.zst files, so `datasets` streams it without a loading script).
 DEFAULT_HUB_DATA = "monology/pile-uncopyrighted"
-# SCROLLS' GovReport (the split the paper's 16K model is fine-tuned on; fields input/output).
-DEFAULT_GOVREPORT_DATA = "tau/scrolls"
 
 
 class ConfigError(UserError):
@@ -48,12 +46,11 @@ class FinetuneConfig:
     task: str = _opt("lm", "lm: next-token loss on packed documents; govreport: PI prompt + summary, loss on the summary only")
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you pass it)")
     # --- data
-    data: str | None = _opt(None, f"local .txt/.jsonl/.parquet (.gz), directory of .txt, or a hub dataset id (default {DEFAULT_HUB_DATA}; {DEFAULT_GOVREPORT_DATA} for --task govreport)")
-    data_config: str | None = _opt(None, "hub dataset configuration (default gov_report for --task govreport)")
+    data: str | None = _opt(None, f"local .txt/.jsonl/.parquet (.gz), directory of .txt, or a hub dataset id (default {DEFAULT_HUB_DATA}); for --task govreport a jsonl with document/summary fields (default: SCROLLS gov_report)")
+    data_config: str | None = _opt(None, "hub dataset configuration")
     data_split: str = _opt("train", "hub dataset split")
     data_revision: str | None = _opt(None, "hub dataset revision (commit or tag) for a reproducible stream")
-    text_field: str | None = _opt(None, "field holding the text (default text; input for --task govreport)")
-    summary_field: str = _opt("output", "field holding the reference summary (--task govreport)")
+    text_field: str = _opt("text", "jsonl/parquet/hub field holding the text (--task lm)")
     shuffle_buffer: int = _opt(10_000, "documents held for the seeded streaming shuffle (1 = file order)")
     # --- the paper's optimisation recipe (Sec. 3.1)
     max_steps: int = _opt(protocol.FINETUNE_STEPS, "optimizer steps")
@@ -142,15 +139,6 @@ class FinetuneConfig:
     def grad_accum(self) -> int:
         """Micro-batches per optimizer step in a single process (`steps_per_process` for several)."""
         return self.global_batch // self.micro_batch
-
-    def hub_config(self) -> str | None:
-        return self.data_config or ("gov_report" if self.task == "govreport" and self.data in (None, DEFAULT_GOVREPORT_DATA) else None)
-
-    def field_of_text(self) -> str:
-        return self.text_field or ("input" if self.task == "govreport" else "text")
-
-    def data_source(self) -> str:
-        return self.data or (DEFAULT_GOVREPORT_DATA if self.task == "govreport" else DEFAULT_HUB_DATA)
 
     # ------------------------------------------------------------------ validation
 

@@ -76,19 +76,19 @@ class Evaluator:
     ):
         self.output, self.tasks, self.device = output, tasks, device
         self.batch_size, self.limit, self.metadata, self.include_path = batch_size, limit, metadata or {}, include_path
-        self._manager = None
 
-    def _task_manager(self):
+    def _task_manager(self, metadata: dict):
+        """A TaskManager carrying ``metadata`` (lm-eval ignores simple_evaluate's when one is passed)."""
         from lm_eval.tasks import TaskManager
 
         from pieval.paths import tasks_dir
 
-        if self._manager is None:
-            paths = [str(tasks_dir())] + ([self.include_path] if self.include_path else [])
-            # Indexing lm-eval's ~15k built-in tasks takes ~25 s: skip it when pieval's own tasks suffice.
-            own = TaskManager(include_path=paths, include_defaults=False)
-            self._manager = own if all(t in own.all_tasks for t in self.tasks) else TaskManager(include_path=paths)
-        return self._manager
+        extra = [self.include_path] if self.include_path else []
+        # Indexing lm-eval's ~15k built-in tasks takes ~25 s: skip it when pieval's own tasks suffice.
+        own = TaskManager(include_path=[str(tasks_dir()), *extra], include_defaults=False, metadata=metadata)
+        if all(t in own.all_tasks for t in self.tasks):
+            return own
+        return TaskManager(include_path=extra or None, metadata=metadata)
 
     def evaluate(self, checkpoint: Path, step: int, tokens: int) -> dict:
         """Evaluate one checkpoint; append its metrics to eval/results.jsonl and eval/table.csv."""
@@ -100,16 +100,17 @@ class Evaluator:
 
         lmeval.activate()  # registers pi_llama (a no-op when the import hook already did)
         tracker = EvaluationTracker()
+        model_args = {"pretrained": str(checkpoint)}
         with _rng_kept():
             results = lm_eval.simple_evaluate(
                 model="pi_llama",
-                model_args={"pretrained": str(checkpoint)},
+                model_args=model_args,
                 tasks=list(self.tasks),
                 batch_size=self.batch_size,
                 device=self.device,
                 limit=self.limit,
-                task_manager=self._task_manager(),
-                metadata=dict(self.metadata),
+                # as lm-eval's CLI does: model_args reach the tasks as metadata (prompts sized in L')
+                task_manager=self._task_manager({**model_args, **self.metadata}),
                 log_samples=False,
                 evaluation_tracker=tracker,
             )

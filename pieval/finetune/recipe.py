@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from pieval import rope
 from pieval.documents import HubSource, iter_documents
 from pieval.errors import UserError
 from pieval.finetune import checkpoint as ckpt
-from pieval.finetune.config import FinetuneConfig, run_identity
+from pieval.finetune.config import DEFAULT_HUB_DATA, FinetuneConfig, run_identity
 from pieval.finetune.data import DataPosition, PackedSequences, SupervisedExamples, collate, predicted_tokens
 from pieval.finetune.evaluate import Evaluator, evaluated_steps
 
@@ -109,27 +108,25 @@ def load_model(config: FinetuneConfig):
 
 def training_examples(config: FinetuneConfig, tokenizer, length: int, position: DataPosition | None):
     """The run's infinite example stream, resumed at ``position``."""
-    data = config.data_source()
+    if config.task == "govreport":
+        from pieval.finetune import govreport
+
+        documents = govreport.reports(config.data, config.data_split, config.data_revision)
+        make = govreport.example_maker(tokenizer, length)
+        return SupervisedExamples(documents, make, config.seed, config.shuffle_buffer, position)
+
+    data = config.data or DEFAULT_HUB_DATA
     local = Path(data).expanduser()
-    looks_local = local.exists() or data.startswith(("/", ".", "~")) or local.suffix in (".txt", ".jsonl", ".gz", ".parquet")
-    hub = None if looks_local else HubSource(data, config.hub_config(), config.data_split, config.data_revision, config.field_of_text())
+    is_local = local.exists() or data.startswith(("/", ".", "~")) or local.suffix in (".txt", ".jsonl", ".gz", ".parquet")
+    hub = HubSource(data, config.data_config, config.data_split, config.data_revision, config.text_field)
 
     def documents():
-        return iter_documents(str(local) if looks_local else None, hub, config.field_of_text())
-
-    if config.task == "govreport":
-        return SupervisedExamples(documents, _govreport_maker(config, tokenizer, length), config.seed, config.shuffle_buffer, position)
+        return iter_documents(str(local) if is_local else None, None if is_local else hub, config.text_field)
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     return PackedSequences(documents, encode, tokenizer.eos_token_id, length, config.seed, config.shuffle_buffer, position)
-
-
-def _govreport_maker(config: FinetuneConfig, tokenizer, length: int) -> Callable:
-    from pieval.finetune.govreport import example_maker
-
-    return example_maker(tokenizer, length, config.summary_field)
 
 
 # ---------------------------------------------------------------- the run
@@ -216,7 +213,10 @@ def finetune(config: FinetuneConfig) -> Path:
     def evaluate(s: int, path: Path) -> None:
         if accelerator.is_main_process:
             row = evaluator.evaluate(path, s, tokens_seen)
-            log(f"eval step {s}: " + "; ".join(f"{t} {m}" for t, m in row.get("metrics", {}).items()))
+            shown = "; ".join(
+                f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()) for t, m in row.get("metrics", {}).items()
+            )
+            log(f"eval step {s}: {shown}")
         accelerator.wait_for_everyone()
 
     # Evaluations a killed run saved a checkpoint for but never ran.
