@@ -101,21 +101,20 @@ class PromptBuilder:
             )
         want_k = min(max(distance, k0), target_tokens - head)
         a, b = self._starts.get((target_tokens, distance), (0, 0))
-        _, n, k = self.measure(key, a, b)
+        text, n, k = self.measure(key, a, b)
         for _ in range(_MAX_FIT_STEPS):
             b_new = self._words_for(self._cum_at(b) + want_k - k)
             a_new = self._words_for(self._cum_at(a) + (target_tokens - n) - (want_k - k))
             if (a_new, b_new) == (a, b):
                 break
             a, b = a_new, b_new
-            _, n, k = self.measure(key, a, b)
+            text, n, k = self.measure(key, a, b)
         # The word grid cannot always hit the length exactly: never exceed it (HFLM would cut the
         # task description off the front), give up filler before the key first.
         while n > target_tokens:
             a, b = (a - 1, b) if a > 0 else (a, b - 1)
-            _, n, k = self.measure(key, a, b)
+            text, n, k = self.measure(key, a, b)
         self._starts[(target_tokens, distance)] = (a, b)
-        text, n, k = self.measure(key, a, b)
         return PasskeyPrompt(text, key, target_tokens, n, distance, k)
 
     def _cum_at(self, words: int) -> int:
