@@ -1,0 +1,150 @@
+"""The fused-rotary LlamaAttention: stock logits on CPU with a torch kernel, fused vs torch on GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, LlamaForCausalLM
+from transformers.models.llama import modeling_llama
+from transformers.monkey_patching import get_patch_mapping
+
+from pieval import flash_rotary, rope
+from pieval.errors import UserError
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_emb_torch(x, cos, sin):
+    """flash_attn.layers.rotary.apply_rotary_emb_torch, interleaved=False, without einops.
+
+    x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, rotary_dim/2).
+    """
+    ro_dim = cos.shape[-1] * 2
+    cos = torch.cat([cos, cos], dim=-1).unsqueeze(-2)  # "... d -> ... 1 (2 d)"
+    sin = torch.cat([sin, sin], dim=-1).unsqueeze(-2)
+    return torch.cat([x[..., :ro_dim] * cos + rotate_half(x[..., :ro_dim]) * sin, x[..., ro_dim:]], dim=-1)
+
+
+def torch_apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0):
+    """flash-attn's apply_rotary_emb contract in torch: row b, token t uses table row offsets[b] + t."""
+    assert not interleaved and not inplace, "the subclass must ask for the half-split layout, out of place"
+    batch, seq = x.shape[:2]
+    rows = torch.as_tensor(seqlen_offsets, device=x.device).expand(batch)[:, None] + torch.arange(seq, device=x.device)
+    return apply_rotary_emb_torch(x, cos[rows], sin[rows])
+
+
+class TorchRotaryAttention(flash_rotary.PIRotaryLlamaAttention):
+    rotary_kernel = staticmethod(torch_apply_rotary_emb)
+
+
+def pi_config(path, s: float, attn: str):
+    config = AutoConfig.from_pretrained(path)
+    rope.apply(config, rope.resolve(config, scaling_factor=s))
+    config._attn_implementation = attn
+    return config
+
+
+def padded_batch(vocab: int, seq: int = 300):
+    """Two rows whose positions differ by more than a shift (RoPE cannot see a uniform shift):
+    row 1 is left-padded by 37 tokens and jumps 500 positions half-way, as packed rows do."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, vocab, (2, seq))
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, :37] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions[1, seq // 2 :] += 500
+    return ids, mask, positions
+
+
+@pytest.mark.parametrize("s", [1.0, 2.5, 4.0])
+def test_subclass_gives_stock_logits_with_torch_kernel(tiny_llama_dir, s):
+    stock = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, s, "sdpa"))
+    with flash_rotary.interpolated_rotary(TorchRotaryAttention):
+        patched = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, s, "sdpa"))
+    assert all(isinstance(layer.self_attn, TorchRotaryAttention) for layer in patched.model.layers)
+    assert patched.state_dict().keys() == stock.state_dict().keys()
+    ids, mask, positions = padded_batch(stock.config.vocab_size)
+    with torch.no_grad():
+        want = stock(ids, attention_mask=mask, position_ids=positions).logits
+        got = patched(ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)  # measured: <= 2.4e-7
+    assert "flash_attn" not in sys.modules
+
+
+def test_gradients_match_stock(tiny_llama_dir):
+    stock = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, 4.0, "sdpa"))
+    with flash_rotary.interpolated_rotary(TorchRotaryAttention):
+        patched = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, 4.0, "sdpa"))
+    ids = torch.randint(3, stock.config.vocab_size, (1, 200))
+    for model in (stock, patched):
+        model(ids, labels=ids).loss.backward()
+    for name in ("q_proj", "k_proj"):
+        torch.testing.assert_close(
+            getattr(patched.model.layers[0].self_attn, name).weight.grad,
+            getattr(stock.model.layers[0].self_attn, name).weight.grad,
+            rtol=1e-4,
+            atol=1e-6,
+        )
+
+
+def test_patch_is_undone_after_build(tiny_llama_dir):
+    recorders = modeling_llama.LlamaPreTrainedModel._can_record_outputs
+    before = dict(recorders)
+    with flash_rotary.interpolated_rotary(TorchRotaryAttention):
+        patched = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, 2.0, "eager"))
+    assert recorders == before and recorders["attentions"] is modeling_llama.LlamaAttention
+    assert flash_rotary.PATTERN not in get_patch_mapping()
+    assert modeling_llama.LlamaAttention.__name__ == "LlamaAttention"
+    later = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    assert type(later.model.layers[0].self_attn) is modeling_llama.LlamaAttention
+    # the patched model still reports its attention maps (recorders match by isinstance)
+    with torch.no_grad():
+        out = patched(torch.arange(3, 40)[None], output_attentions=True)
+    assert len(out.attentions) == patched.config.num_hidden_layers
+    assert "flash_attn" not in sys.modules
+
+
+def test_unsupported_rope_type_is_refused(tiny_llama_dir):
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    rope.apply(config, rope.resolve(config, scaling_factor=2, rope_method="yarn"))
+    with flash_rotary.interpolated_rotary(TorchRotaryAttention), pytest.raises(UserError, match="'yarn'"):
+        LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_flash_without_cuda_names_the_fallback():
+    with pytest.raises(UserError, match=r"needs a CUDA GPU and none is visible: use attn_implementation=sdpa"):
+        flash_rotary.require_available()
+    assert "flash_attn" not in sys.modules
+
+
+FLASH = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.mark.skipif(not FLASH, reason="needs CUDA and flash-attn")
+def test_fused_kernel_matches_torch_rotary_on_gpu(tiny_llama_dir):
+    from pieval.backend import PILlama
+
+    fused = PILlama(
+        pretrained=str(tiny_llama_dir),
+        scaling_factor=4,
+        device="cuda",
+        dtype="bfloat16",
+        attn_implementation="flash_attention_2",
+    ).model
+    assert all(isinstance(layer.self_attn, flash_rotary.PIRotaryLlamaAttention) for layer in fused.model.layers)
+    reference = LlamaForCausalLM.from_pretrained(
+        tiny_llama_dir, config=pi_config(tiny_llama_dir, 4.0, "flash_attention_2"), dtype=torch.bfloat16
+    ).cuda()
+    assert type(reference.model.layers[0].self_attn) is modeling_llama.LlamaAttention
+    ids = torch.randint(3, reference.config.vocab_size, (2, 900), device="cuda")
+    with torch.no_grad():
+        got, want = fused(ids).logits.float(), reference(ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
