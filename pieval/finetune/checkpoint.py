@@ -84,6 +84,8 @@ def prepare_run_dir(output: Path, identity: dict, settings: dict, resume: bool, 
             f"--output {output} already holds checkpoints of this run; pass --resume to continue it "
             "or --overwrite to start it again"
         )
+    for leftover in output.glob(".checkpoint-*.tmp") if output.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)  # a save cut short by a kill
     atomic.write_text(run_file, json.dumps({"identity": identity, "settings": settings}, indent=1) + "\n")
 
 

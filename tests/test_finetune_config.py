@@ -1,0 +1,111 @@
+"""The recipe's settings: the paper's numbers as defaults, config files, CLI overrides, validation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from pieval.finetune.cli import add_arguments, config_from_args
+from pieval.finetune.config import ConfigError, FinetuneConfig, run_identity
+from pieval.finetune.recipe import build_optimizer, build_scheduler, lr_factor
+
+BASE = {"model": "m", "output": "o", "scaling_factor": 4}
+
+
+def parse(argv: list[str]) -> FinetuneConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_lr_schedule_matches_the_paper():
+    # Sec. 3.1: peak 2e-5, linear warm-up over 20 steps starting from 10% of the peak, then constant.
+    config = FinetuneConfig.build(BASE)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
+    sched = build_scheduler(opt, config)
+    lrs = []
+    for _ in range(501):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = {0: 2e-6, 1: 2e-6 + 1.8e-5 / 20, 19: 2e-6 + 1.8e-5 * 19 / 20, 20: 2e-5, 500: 2e-5}
+    for step, lr in expected.items():
+        assert lrs[step] == pytest.approx(lr, rel=1e-12), step
+    assert all(a < b for a, b in zip(lrs[:20], lrs[1:21]))  # strictly rising during the warm-up
+    assert lrs[20:] == pytest.approx([2e-5] * 481, rel=1e-12)
+    assert lr_factor(0, 20, 0.1) == 0.1 and lr_factor(20, 20, 0.1) == 1.0
+
+
+def test_optimizer_hyper_parameters_are_the_papers():
+    config = FinetuneConfig.build(BASE)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
+    assert isinstance(opt, torch.optim.AdamW)
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.95)
+    assert group["weight_decay"] == 0.0
+    assert config.lr == 2e-5 and config.max_steps == 1000 and config.global_batch == 64
+    assert config.method == "pi" and config.precision == "auto" and config.trust_remote_code is False
+
+
+def test_config_file_then_command_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: base\noutput: out\ncontext-length: 1024\nlr: 1.0e-4\neval_tasks: [passkey, pg19_ppl]\nlora: true\n")
+    config = parse(["--config", str(tmp_path / "c.yaml"), "--lr", "3e-4", "--global-batch", "8", "--no-lora"])
+    assert config.model == "base" and config.context_length == 1024
+    assert config.lr == 3e-4 and config.global_batch == 8  # the command line wins
+    assert config.eval_tasks == ["passkey", "pg19_ppl"] and config.lora is False
+    (tmp_path / "c.json").write_text(json.dumps({"model": "m", "output": "o", "scaling_factor": 2, "betas": [0.8, 0.9]}))
+    config = parse(["--config", str(tmp_path / "c.json"), "--eval-tasks", "a,b", "--eval-metadata", '{"data_path": "x"}'])
+    assert config.betas == [0.8, 0.9] and config.eval_tasks == ["a", "b"] and config.eval_metadata == {"data_path": "x"}
+
+
+def test_every_issue_option_exists_on_the_command_line():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = parser.format_help()
+    for flag in (
+        "--model", "--data", "--scaling-factor", "--context-length", "--output", "--max-steps", "--global-batch",
+        "--micro-batch", "--lr", "--save-every", "--seed", "--method", "--resume", "--overwrite", "--eval-tasks",
+        "--eval-every", "--config", "--task", "--lora", "--gradient-checkpointing", "--trust-remote-code",
+    ):  # fmt: skip
+        assert flag in text, flag
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: m\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        FinetuneConfig.from_file(tmp_path / "c.yaml")
+
+
+def test_all_invalid_settings_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        FinetuneConfig.build({"model": "m", "output": "o", "scaling_factor": 0.5, "global_batch": 64, "micro_batch": 5, "method": "ntk", "lr": -1})
+    msg = str(e.value)
+    assert "scaling_factor must be >= 1 (got 0.5)" in msg
+    assert "multiple of micro_batch" in msg and "--micro-batch 1" in msg
+    assert "method must be pi or none" in msg and "lr must be a positive number" in msg
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"scaling_factor": "four"}, "scaling_factor='four'"),
+        ({"context_length": 1024}, "either --scaling-factor or --context-length"),
+        ({"model": None}, "model is required"),
+        ({"eval_every": 200}, "eval_every needs --eval-tasks"),
+        ({"resume": True, "overwrite": True}, "not both"),
+        ({"betas": [0.9]}, "betas must be two numbers"),
+    ],
+)
+def test_bad_settings(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        FinetuneConfig.build({**BASE, **settings})
+
+
+def test_run_identity_ignores_runtime_settings():
+    a = FinetuneConfig.build(BASE)
+    b = FinetuneConfig.build({**BASE, "max_steps": 5, "eval_tasks": ["x"], "micro_batch": 2, "resume": True})
+    c = FinetuneConfig.build({**BASE, "lr": 1e-4})
+    assert run_identity(a) == run_identity(b) != run_identity(c)
