@@ -120,14 +120,12 @@ def method_label(pieval: dict, finetune: dict) -> str:
 def missing(rf: ResultsFile) -> list[str]:
     """The provenance fields this results file lacks (empty = a row may be written)."""
     pv = _pieval(rf)
-    gone = [f"config.pieval.{k}" for k in REQUIRED_PIEVAL if pv.get(k) in (None, "")]
+    gone = [f"config.pieval.{k} missing" for k in REQUIRED_PIEVAL if pv.get(k) in (None, "")]
     if not pv:
-        gone = ["config.pieval (the run did not use `--model pi_llama`)"]
-    for k in ("lm_eval_version", "transformers_version", "date"):
-        if rf.data.get(k) in (None, ""):
-            gone.append(k)
+        gone = [f"no config.pieval: the run used --model {rf.data['config'].get('model')}, not pi_llama"]
+    gone += [f"{k} missing" for k in ("lm_eval_version", "transformers_version", "date") if rf.data.get(k) in (None, "")]
     if _torch_version(rf) is None:
-        gone.append("torch version (pretty_env_info)")
+        gone.append("torch version missing (pretty_env_info)")
     return gone
 
 
@@ -135,7 +133,7 @@ def require(rf: ResultsFile) -> None:
     gone = missing(rf)
     if gone:
         raise ProvenanceError(
-            f"{rf.label}: no provenance ({', '.join(gone)} missing); its rows are not written. "
+            f"{rf.label}: no provenance ({'; '.join(gone)}); its rows are not written. "
             "Evaluate with `lm_eval --model pi_llama ...`, which records them"
         )
 

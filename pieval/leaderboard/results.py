@@ -29,6 +29,7 @@ class Problem:
 
     source: str  # the file or directory, as the user can find it
     message: str  # a whole sentence that names ``source``
+    skipped: bool = True  # False: a note (e.g. a value superseded by a newer run), nothing was lost
 
     def __str__(self) -> str:
         return self.message

@@ -151,7 +151,7 @@ def collect(files: Iterable[ResultsFile], problems: list[Problem]) -> dict[str, 
             problems.append(
                 Problem(
                     rf.label,
-                    f"{rf.label}: no provenance ({', '.join(gone)} missing), so its rows "
+                    f"{rf.label}: no provenance ({'; '.join(gone)}), so its rows "
                     f"({', '.join(t for t, _ in tasks)}) are not written; evaluate with `lm_eval --model pi_llama`",
                 )
             )
@@ -186,7 +186,11 @@ def assemble(
         if cell.column in row:
             old = row[cell.column].prov["results_file"]
             problems.append(
-                Problem(old, f"{old}: {cell.column} of {cell.rid.model} superseded by the newer {cell.prov['results_file']}")
+                Problem(
+                    old,
+                    f"{old}: {cell.column} of {cell.rid.model} superseded by the newer {cell.prov['results_file']}",
+                    skipped=False,
+                )
             )
         row[cell.column] = cell
     records = []

@@ -1,0 +1,240 @@
+"""`pieval leaderboard` on committed lm-eval 0.4.13 result fixtures (tests/fixtures/results/).
+
+The fixtures were written by lm-eval's own EvaluationTracker (make_fixtures.py); the golden
+CSVs by the command in tests/fixtures/results/README.md.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pieval.cli import main
+from pieval.leaderboard import build, claims, provenance, tables
+from pieval.leaderboard.results import ResultsError, ResultsFile, load
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "results"
+GOOD, BAD, GOLDEN = FIXTURES / "good", FIXTURES / "bad", FIXTURES / "golden"
+TABLES = sorted(p.name for p in GOLDEN.glob("*.csv"))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lb") / "leaderboards"
+    assert main(["leaderboard", str(GOOD), "--out", str(out)]) == 0
+    return out
+
+
+def test_golden_tables(written):
+    assert TABLES == [
+        "govreport.csv", "original_window.csv", "passkey.csv", "ppl_local.csv",
+        "ppl_pg19.csv", "ppl_proofpile.csv", "ppl_vs_steps.csv",
+    ]
+    assert sorted(p.name for p in written.glob("*.csv")) == TABLES
+    for name in TABLES:
+        assert (written / name).read_bytes() == (GOLDEN / name).read_bytes(), name
+
+
+def test_rows_hold_the_results_json_values(written):
+    """Each measured cell is the value in its results file (token-weighted ppl, acc/ROUGE in %)."""
+    ppl = pd.read_csv(written / "ppl_local.csv", dtype=str, keep_default_na=False)
+    measured = ppl[ppl.source == "measured"]
+    assert list(ppl.columns[:10]) == ["source", "model", "base_model", "method", "L", "L'", "steps", "256", "512", "1024"]
+    assert set(provenance.COLUMNS) <= set(ppl.columns)
+    for _, row in measured.iterrows():
+        data = json.loads((FIXTURES / row.results_file).read_text())
+        for w in ("256", "512", "1024"):
+            assert float(row[w]) == pytest.approx(data["results"]["local_ppl"][f"token_ppl_{w},none"], abs=5e-5)
+        assert row.torch_version == "2.13.0+cpu" and row.lm_eval_version == "0.4.13" and row.stride == "256"
+    by_method = {(r.method, r.steps): r for _, r in measured.iterrows()}
+    assert set(by_method) == {("none", "0"), ("PI", "0"), ("PI", "100"), ("PI", "200"), ("FT", "200")}
+    assert (by_method["FT", "200"].L, by_method["FT", "200"]["L'"]) == ("256", "1024")  # L from the fine-tune record
+    assert by_method["PI", "200"].base_model == "models/kjv-llama-tiny"
+
+    ow = pd.read_csv(written / "original_window.csv", dtype=str, keep_default_na=False)
+    base = ow[(ow.source == "measured") & (ow.method == "none")].iloc[0]
+    assert (base.boolq, base.race_h, base.race_m) == ("62.1400", "30.1200", "")  # lm-eval's race is RACE-high
+    assert "boolq=aps/super_glue:boolq" in base.dataset  # per-task provenance kept when tasks differ
+    gov = pd.read_csv(written / "govreport.csv", dtype=str, keep_default_na=False)
+    assert gov[gov.source == "measured"][["rouge1", "rouge2", "rougeL"]].values.tolist() == [["22.3100", "4.1200", "15.3300"]]
+
+
+def test_passkey_rows_match_their_samples(written):
+    """k_max in passkey.csv is the one the samples log implies (pieval.passkey's definition)."""
+    from pieval import passkey
+
+    pk = pd.read_csv(written / "passkey.csv", dtype=str, keep_default_na=False)
+    for _, row in pk[pk.source == "measured"].iterrows():
+        rf = load(FIXTURES / row.results_file, row.results_file)
+        rates = passkey.heat_map(json.loads(line) for line in rf.samples["passkey"].read_text().splitlines())
+        assert int(row.k_max) == passkey.k_max(rates[int(row.length)])
+
+
+def test_rerun_is_byte_identical_whatever_the_input_order(written, tmp_path):
+    """Same inputs, same bytes: a second run, and a run given the directories in another order."""
+    parts = sorted(p for p in GOOD.iterdir() if p.is_dir())
+    again = tmp_path / "again"
+    assert main(["leaderboard", *map(str, reversed(parts)), "--out", str(again)]) == 0
+    # labels are relative to each given directory's parent, which is GOOD here instead of FIXTURES
+    for name in TABLES:
+        assert (again / name).read_text().replace(",base/", ",good/base/").replace(",pi/", ",good/pi/").replace(
+            ",finetune-", ",good/finetune-"
+        ) == (written / name).read_text(), name
+    same = tmp_path / "same"
+    assert main(["leaderboard", str(GOOD), "--out", str(same)]) == 0
+    assert main(["leaderboard", str(GOOD), "--out", str(same)]) == 0
+    match, mismatch, errors = filecmp.cmpfiles(written, same, TABLES, shallow=False)
+    assert (mismatch, errors) == ([], [])
+    assert not [p for p in same.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_reference_rows_are_separate_and_optional(written, tmp_path):
+    for name in TABLES:
+        frame = pd.read_csv(written / name, dtype=str, keep_default_na=False)
+        ref = frame[frame.source == "reference"]
+        assert set(frame.source) <= {"measured", "reference"}
+        # measured rows first; a reference row has the paper table and no provenance of a run
+        assert list(frame.source) == sorted(frame.source, key=["measured", "reference"].index)
+        assert (ref.reference.str.startswith("Chen et al. 2023")).all() and (ref.results_file == "").all()
+        assert (frame[frame.source == "measured"].reference == "").all()
+    out = tmp_path / "noref"
+    assert main(["leaderboard", str(GOOD), "--out", str(out), "--no-reference"]) == 0
+    assert "ppl_pg19.csv" not in {p.name for p in out.iterdir()}
+    assert "reference" not in set(pd.read_csv(out / "passkey.csv").source)
+
+
+def test_bad_inputs_are_named_and_the_rest_goes_in(tmp_path, capsys):
+    out = tmp_path / "lb"
+    rc = main(["leaderboard", str(GOOD), *map(str, sorted(BAD.iterdir())), str(tmp_path / "missing"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0
+    expected = {
+        "bad/empty": "holds no lm-eval results",
+        "foreign/results_2026-11-25T09-00-00.json": "is not an lm-eval results file",
+        "truncated/results_2026-11-25T10-23-00.json": "is not valid JSON",
+        "missing_column/results_2026-11-25T10-23-00.json": "has no token_ppl_512",
+        "no_provenance/results_2026-11-25T10-13-00.json": "the run used --model hf, not pi_llama",
+        "missing": "does not exist",
+    }
+    lines = [line for line in err.splitlines() if line.startswith("pieval leaderboard: skipped:")]
+    assert len(lines) == len(expected), err
+    for name, why in expected.items():
+        assert any(name in line and why in line for line in lines), (name, err)
+    for name in TABLES:  # the good runs are all there, untouched by the bad ones
+        assert (out / name).read_bytes() == (GOLDEN / name).read_bytes(), name
+
+    assert main(["leaderboard", str(GOOD), str(BAD / "foreign"), "--out", str(tmp_path / "strict"), "--strict"]) == 1
+    assert main(["leaderboard", str(BAD / "foreign"), str(BAD / "empty"), "--out", str(tmp_path / "none")]) == 2
+    assert "no measured row could be built" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_load_rejects_other_tools_files(tmp_path):
+    path = tmp_path / "results_x.json"
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ResultsError, match="not an lm-eval results file"):
+        load(path, "results_x.json")
+
+
+def _rf(**pieval_overrides) -> ResultsFile:
+    path = next((GOOD / "pi").rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["config"]["pieval"].update(pieval_overrides)
+    return ResultsFile(path, "x.json", data)
+
+
+@pytest.mark.parametrize(
+    "overrides, method",
+    [
+        ({}, "PI"),
+        ({"rope_method": "none"}, "PI"),  # an extended checkpoint loaded as saved is still PI
+        ({"rope_method": "yarn", "rope_type": "yarn"}, "yarn"),
+        ({"rope_method": "ntk", "rope_type": "dynamic"}, "ntk"),
+        ({"rope_method": "none", "rope_type": "default", "factor": 1.0}, "none"),
+        ({"rope_method": "none", "rope_type": "default", "factor": 1.0, "finetune": {"step": 50, "method": "none"}}, "FT"),
+    ],
+)
+def test_method_labels(overrides, method):
+    assert provenance.row_id(_rf(**overrides)).method == method
+
+
+def test_row_without_a_required_field_is_refused():
+    rf = _rf(theta=None)
+    assert provenance.missing(rf) == ["config.pieval.theta missing"]
+    with pytest.raises(provenance.ProvenanceError, match=r"x.json: no provenance \(config.pieval.theta missing\)"):
+        provenance.row_id(rf)
+
+
+def test_metrics_prefer_the_none_filter():
+    rf = _rf()
+    rf.data["results"]["passkey"]["acc_1024,strict"] = 0.0
+    assert tables.metrics(rf, "passkey")["acc_1024"] == rf.data["results"]["passkey"]["acc_1024,none"]
+
+
+def test_plots_without_a_display(written, tmp_path):
+    board = build.build([GOOD])
+    from pieval.leaderboard import plots
+
+    paths = plots.draw(board, tmp_path)
+    stems = {p.stem for p in paths}
+    assert stems == {"ppl_vs_window_local", "kmax_vs_steps", "ppl_vs_steps", "passkey_heatmap_256", "passkey_heatmap_1024"}
+    for p in paths:
+        assert p.stat().st_size > 1000, p
+        head = p.read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n" if p.suffix == ".png" else head.startswith(b"<?xml")
+    labels = {
+        "ppl_vs_window_local": (plots.WINDOW_LABEL, plots.PPL_LABEL, "L=256", "L'=1024"),
+        "kmax_vs_steps": (plots.STEPS_LABEL, plots.KMAX_LABEL),
+        "ppl_vs_steps": (plots.STEPS_LABEL, "perplexity at W = L"),
+        "passkey_heatmap_1024": (plots.DISTANCE_LABEL, "target length 1024", "success rate"),
+    }
+    for stem, texts in labels.items():
+        svg = (tmp_path / f"{stem}.svg").read_text()
+        for text in texts:
+            assert text in svg, (stem, text)
+
+
+def test_cli_plots_flag(tmp_path):
+    assert main(["leaderboard", str(GOOD / "base"), "--out", str(tmp_path), "--plots"]) == 0
+    assert (tmp_path / "plots" / "ppl_vs_window_local.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "passkey_heatmap_256.svg").stat().st_size > 0
+
+
+# ------------------------------------------------------------------ claims
+
+
+def test_claims_from_the_written_tables(written):
+    got = claims.check(written, L=256, L_prime=1024)
+    assert [c.number for c in got] == ["1", "2", "3a", "3b", "4", "5"]
+    assert all(c.status == claims.PASS for c in got), "\n".join(map(str, got))
+    by = {c.number: c for c in got}
+    # the numbers shown are those of the CSVs
+    assert "9.812 at W=256 -> 412.6 at W=512 (x42.0" in by["1"].measured
+    assert "FT 384 (200 steps) vs PI 1024 (200 steps)" in by["4"].measured
+    assert "(+3.2%;" in by["5"].measured
+    assert str(by["3b"]).startswith("[PASS] (3b) PI + fine-tune: passkey k_max = L'")
+
+
+def test_claims_fail_and_missing_are_reported(written, tmp_path):
+    shutil.copytree(written, tmp_path / "lb")
+    pk = pd.read_csv(tmp_path / "lb" / "passkey.csv", dtype=str, keep_default_na=False)
+    pk.loc[(pk.source == "measured") & (pk.method == "FT"), "k_max"] = "1024"
+    pk.to_csv(tmp_path / "lb" / "passkey.csv", index=False)
+    ppl = pd.read_csv(tmp_path / "lb" / "ppl_local.csv", dtype=str, keep_default_na=False)
+    ppl.loc[(ppl.source == "measured") & (ppl.method == "none"), "512"] = "12.0"
+    ppl.to_csv(tmp_path / "lb" / "ppl_local.csv", index=False)
+    by = {c.number: c for c in claims.check(tmp_path / "lb", 256, 1024)}
+    assert by["1"].status == claims.FAIL and "(x1.2;" in by["1"].measured
+    assert by["4"].status == claims.FAIL and "FT 1024" in by["4"].measured
+    assert by["3b"].status == claims.PASS
+    (tmp_path / "lb" / "passkey.csv").unlink()
+    by = {c.number: c for c in claims.check(tmp_path / "lb", 256, 1024)}
+    assert by["3b"].status == by["4"].status == claims.MISSING
+    assert by["2"].status == claims.PASS
+    # a target window nobody measured: every claim that needs it is MISSING, never PASS
+    assert {c.status for c in claims.check(written, 256, 4096) if c.number != "1"} == {claims.MISSING}
