@@ -167,7 +167,7 @@ def test_simple_evaluate_with_pi_llama(reports, ref_model_dir, tiny_llama_dir):
     model = _model_dir(ref_model_dir, tiny_llama_dir)
     out = lm_eval.simple_evaluate(
         model="pi_llama", model_args={"pretrained": str(model), "scaling_factor": 2}, tasks=["govreport_pi"],
-        metadata={"data_path": str(reports), "max_gen_toks": 24, "max_docs": 2}, log_samples=True,
+        metadata={"data_path": str(reports), "max_gen_toks": 24, "max_docs": 2}, log_samples=True, device="cpu",
     )
     res = out["results"]["govreport_pi"]
     assert all(0.0 <= res[f"{t},none"] <= 1.0 for t in ("rouge1", "rouge2", "rougeL"))

@@ -278,7 +278,7 @@ def test_reference_model_retrieves_at_its_window(ref_model_dir):
 
     out = lm_eval.simple_evaluate(
         model="pi_llama", model_args={"pretrained": str(ref_model_dir)}, tasks=["passkey"],
-        batch_size=16, metadata={"trials": 5},
+        batch_size=16, metadata={"trials": 5}, device="cpu",
     )
     res = out["results"]["passkey"]
     assert res["acc_256,none"] >= 0.8, res
