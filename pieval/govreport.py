@@ -17,6 +17,7 @@ Data: the SCROLLS ``gov_report`` validation split (972 documents) read from the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -32,11 +33,14 @@ from pieval.protocol import (
     GOVREPORT_MAX_GEN_TOKS,
     GOVREPORT_TEMPERATURE,
     GOVREPORT_TOP_P,
+    GOVREPORT_VALIDATION_DOCS,
 )
 from pieval.task_model import TaskModel, check_generation_budget
 
 PROMPT = "Read the following article and then summarize it.\n{document}\nNow summarize the above article.\nSummary:"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+log = logging.getLogger(__name__)
 
 SCROLLS_REPO = "tau/scrolls"
 SCROLLS_CONFIG = "gov_report"
@@ -110,6 +114,11 @@ def iter_scrolls(split: str = "validation", revision: str = "main") -> Iterator[
     merged: dict[str, tuple[str, list[str]]] = {}
     for row in rows:
         merged.setdefault(row["id"], (row["input"], []))[1].append(row["output"])
+    if split == "validation" and len(merged) != GOVREPORT_VALIDATION_DOCS:
+        log.warning(
+            "SCROLLS gov_report validation has %d documents, not the paper's %d: results are not "
+            "comparable with its Table 6", len(merged), GOVREPORT_VALIDATION_DOCS,
+        )
     for doc_id, (document, summaries) in merged.items():
         yield Report(doc_id, document, tuple(summaries))
 

@@ -81,6 +81,32 @@ def test_hub_offline_error_says_how_to_pass_local_data(monkeypatch):
         list(govreport.iter_scrolls())
 
 
+def test_scrolls_zip_is_read_and_repeated_documents_merged(tmp_path, monkeypatch, caplog):
+    """The hub path, on a local copy of SCROLLS' gov_report.zip layout (the same fsspec zip chain)."""
+    import zipfile
+
+    rows = [
+        {"id": "a", "pid": "a_0", "input": "Report A.", "output": "Summary A1."},
+        {"id": "b", "pid": "b_0", "input": "Report B.", "output": "Summary B."},
+        {"id": "a", "pid": "a_1", "input": "Report A.", "output": "Summary A2."},
+    ]
+    with zipfile.ZipFile(tmp_path / "gov_report.zip", "w") as z:
+        z.writestr("gov_report/validation.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    import datasets
+
+    monkeypatch.setattr(govreport, "SCROLLS_ZIP", str(tmp_path / "{config}.zip"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # a zip:// chain counts as remote
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    reports = list(govreport.iter_scrolls("validation"))
+    assert reports == [
+        govreport.Report("a", "Report A.", ("Summary A1.", "Summary A2.")),
+        govreport.Report("b", "Report B.", ("Summary B.",)),
+    ]
+    assert "2 documents, not the paper's 972" in caplog.text
+    # several references: the best one counts, per ROUGE type
+    assert govreport.rouge("Summary A2.", ["Summary A1.", "Summary A2."])["rouge2"] == 1.0
+
+
 def test_rouge_of_one_summary_is_rouge_score_itself():
     from rouge_score import rouge_scorer
 
