@@ -83,12 +83,17 @@ def _build_index(build, paths: list, resolve_includes: bool) -> dict:
         return build(paths, resolve_includes=resolve_includes)  # include_defaults=False
     index = build(paths[:1], resolve_includes=resolve_includes)
     try:
-        ours = build([tasks_dir()], resolve_includes=resolve_includes)
+        ours_dir = tasks_dir()
     except FileNotFoundError as exc:
         log.warning("pieval's tasks are unavailable: %s", exc)
-        ours = {}
+        ours, user_paths = {}, paths[1:]
+    else:
+        ours = build([ours_dir], resolve_includes=resolve_includes)
+        # `--include_path <pieval's tasks>` (older instructions) would only re-add them with
+        # one override warning per task
+        user_paths = [p for p in paths[1:] if Path(p).resolve() != ours_dir.resolve()]
     rename_shadowed(index, ours)
-    for later in (ours, build(paths[1:], resolve_includes=resolve_includes) if paths[1:] else {}):
+    for later in (ours, build(user_paths, resolve_includes=resolve_includes) if user_paths else {}):
         for name, entry in later.items():
             if name in index:  # same rule and message as lm-eval's own merge
                 log.warning(
@@ -159,7 +164,7 @@ def rename_shadowed(index: dict, ours: dict) -> dict[str, str]:
                     )
         done[name] = new
         log.info(
-            "pieval: lm-eval's built-in task '%s' (%s) is renamed '%s'; '%s' now runs pieval's task "
+            "lm-eval's built-in task '%s' (%s) is renamed '%s'; '%s' now runs pieval's task "
             "from %s. Groups and tags that list it use the new name.",
             name,
             builtin.yaml_path,

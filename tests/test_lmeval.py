@@ -96,6 +96,9 @@ def test_pieval_tasks_sit_between_builtins_and_include_path(miniature, pieval_lo
     assert index["libra"].tags == {"libra_passkey", "passkey_with_librusec"}
     assert any("'passkey'" in m and "renamed 'libra_passkey'" in m for m in pieval_log)
 
+    assert miniature(FIXTURES / "pieval_tasks").task_index["passkey"].yaml_path == index["passkey"].yaml_path
+    assert not any("overrides existing task" in m for m in pieval_log)  # pieval's dir given twice: once
+
     user = FIXTURES / "user_tasks"
     index = miniature(user).task_index
     assert index["passkey"].yaml_path == user / "passkey.yaml"  # --include_path still wins
