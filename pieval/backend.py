@@ -78,10 +78,7 @@ class PILlama(SlidingWindowMixin, HFLM):
         try:
             super()._get_config(pretrained, **kwargs)
         except OSError as e:
-            raise UserError(
-                f"pretrained={pretrained!r}: no checkpoint there ({type(e).__name__}): pass the folder "
-                "of a saved model (with config.json), e.g. pretrained=models/kjv-llama-tiny"
-            ) from e
+            raise rope.checkpoint_error(pretrained, e) from e
         self.rope = rope.resolve(self._config, **self._rope_request)
         rope.apply(self._config, self.rope)
 

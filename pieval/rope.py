@@ -59,6 +59,23 @@ class RopeSpec:
 # reading a checkpoint config
 
 
+def load_config(pretrained: str, **kwargs):
+    """``AutoConfig.from_pretrained`` with a missing checkpoint turned into a one-line UserError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(pretrained, **kwargs)
+    except OSError as e:
+        raise checkpoint_error(pretrained, e) from e
+
+
+def checkpoint_error(pretrained, error: Exception) -> UserError:
+    return UserError(
+        f"no checkpoint at {str(pretrained)!r} ({type(error).__name__}): pass the folder of a saved model "
+        "(with config.json), e.g. models/kjv-llama-tiny"
+    )
+
+
 def rope_parameters(config) -> dict[str, Any]:
     """The flat ``rope_parameters`` dict of a RoPE config; UserError for anything else."""
     params = getattr(config, "rope_parameters", None)

@@ -237,7 +237,7 @@ def test_bad_checkpoints_fail_before_loading(gpt2_dir, tmp_path, monkeypatch):
         load(gpt2_dir, scaling_factor=4)
     assert "\n" not in str(err.value)
     missing = tmp_path / "no-such-model"
-    with pytest.raises(UserError, match=r"pretrained='.*no-such-model': no checkpoint there") as err:
+    with pytest.raises(UserError, match=r"no checkpoint at '.*no-such-model' \(OSError\): pass the folder of a saved model") as err:
         load(missing, scaling_factor=4)
     assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,51 @@
+"""`pieval info PATH`: a checkpoint's RoPE window as pi_llama will see it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pieval import rope
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="checkpoint folder (with config.json) or hub model id")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def describe(config) -> dict:
+    """The checkpoint as saved: base window L, rope type, factor s, window L' = round(s·L), theta."""
+    spec = rope.resolve(config)
+    return {
+        "model_type": config.model_type,
+        "base_window": spec.base_window,
+        "rope_type": rope.rope_parameters(config)["rope_type"],
+        "factor": spec.factor,
+        "context_length": spec.context_length,
+        "theta": spec.theta,
+        "max_position_embeddings": config.max_position_embeddings,
+    }
+
+
+LABELS = {
+    "model_type": "model type",
+    "base_window": "base window L",
+    "rope_type": "rope type",
+    "factor": "factor s",
+    "context_length": "window L'",
+    "theta": "rope_theta",
+    "max_position_embeddings": "max_position_embeddings",
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    info = {"checkpoint": args.path, **describe(rope.load_config(args.path))}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    labels = {"checkpoint": "checkpoint", **LABELS}
+    width = max(map(len, labels.values()))
+    for key, value in info.items():
+        shown = f"{value:g}" if isinstance(value, float) else value
+        print(f"{labels[key]:<{width}}  {shown}")
+    return 0
