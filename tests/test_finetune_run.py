@@ -1,0 +1,285 @@
+"""`pieval finetune` end to end on CPU: checkpoints plain transformers and lm-eval load, exact resume
+after SIGKILL, fallback past a corrupt checkpoint, evaluation as it trains, LoRA, bad input.
+
+Mechanics run on the random 2-layer LLaMA (`tiny_llama_dir`, L=256 -> L'=1024) in seconds; the
+loss and loading checks use the reference model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pieval.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "models" / "corpus" / "kjv" / "train.jsonl.gz"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tiny_args(model: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", "--model", str(model), "--data", str(CORPUS), "--scaling-factor", "4", "--output", str(output),
+        "--global-batch", "4", "--micro-batch", "2", "--lr", "1e-3", "--warmup-steps", "2", "--save-every", "3",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pieval", *argv], env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def curve(output: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in rows]
+
+
+# ---------------------------------------------------------------- the reference model: loss and loading
+
+
+@pytest.fixture(scope="module")
+def pi_run(ref_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pi_run") / "run"
+    rc = main([
+        "finetune", "--model", str(ref_model_dir), "--data", str(CORPUS), "--scaling-factor", "4",
+        "--output", str(out), "--max-steps", "24", "--global-batch", "8", "--micro-batch", "4",
+        "--lr", "5e-4", "--warmup-steps", "2", "--save-every", "12", "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+# Runs in a subprocess without pieval on the path (nor its lm-eval hook): what any user sees.
+PLAIN_LOAD = r"""
+import json, sys, torch
+from pathlib import Path
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+base, ckpt, heldout = sys.argv[1:4]
+tok = AutoTokenizer.from_pretrained(ckpt)
+model = AutoModelForCausalLM.from_pretrained(ckpt)
+cfg = AutoConfig.from_pretrained(base)
+cfg.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": cfg.rope_parameters["rope_theta"]}
+untrained = AutoModelForCausalLM.from_pretrained(base, config=cfg)  # PI applied, no fine-tuning
+d = model.config.head_dim
+inv = model.model.rotary_emb.inv_freq
+base_inv = 1.0 / (model.config.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2).float() / d))
+ids = tok("".join(p.read_text() for p in sorted(Path(heldout).glob("*.txt"))))["input_ids"]
+windows = torch.tensor([ids[i * 1024:(i + 1) * 1024] for i in range(4)])
+with torch.no_grad():
+    loss = lambda m: m(input_ids=windows, labels=windows).loss.item()
+    out = {"rope": model.config.rope_parameters, "max_pos": model.config.max_position_embeddings,
+           "inv_freq_max_abs_diff": (inv - base_inv / 4).abs().max().item(),
+           "loss_untrained": loss(untrained), "loss_finetuned": loss(model),
+           "pieval_imported": sorted(m for m in sys.modules if m.startswith("pieval"))}
+print(json.dumps(out))
+"""
+
+
+def test_pi_finetune_lowers_loss_at_L_prime_and_loads_in_plain_transformers(pi_run, ref_model_dir, heldout_dir):
+    final = pi_run / "checkpoint-000024"
+    assert (pi_run / "final").resolve() == final.resolve()
+    env = {**ENV, "PIEVAL_LM_EVAL_HOOK": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(ref_model_dir), str(final), str(heldout_dir)],
+        env=env, capture_output=True, text=True, timeout=600, cwd="/",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["pieval_imported"] == []
+    assert out["rope"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    assert out["max_pos"] == 1024
+    assert out["inv_freq_max_abs_diff"] == 0.0
+    # 24 steps of 8 x 1024 tokens lower the held-out loss at L' (numbers logged for the record)
+    print(out)
+    assert out["loss_finetuned"] < out["loss_untrained"] - 0.05
+    losses = [loss for _, loss, _ in curve(pi_run)]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    saved = json.loads((final / "finetune_config.json").read_text())
+    assert saved["lr"] == 5e-4 and saved["scaling_factor"] == 4.0 and saved["global_batch"] == 8
+
+
+def test_stock_lm_eval_cli_scores_the_checkpoint_without_scaling_arguments(pi_run, heldout_dir, tmp_path):
+    final = pi_run / "checkpoint-000024"
+    metadata = {"data_path": str(heldout_dir), "max_docs": 1, "max_doc_tokens": 2048, "windows": [1024]}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "pi_llama", "--model_args", f"pretrained={final}",
+         "--tasks", "local_ppl", "--metadata", json.dumps(metadata), "--output_path", str(tmp_path / "res")],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "res").rglob("results_*.json")
+    results = json.loads(path.read_text())
+    prov = results["config"]["pieval"]
+    assert (prov["rope_type"], prov["factor"], prov["base_window"], prov["context_length"]) == ("linear", 4.0, 256, 1024)
+    assert 1 < results["results"]["local_ppl"]["token_ppl_1024,none"] < 2048
+
+
+# ---------------------------------------------------------------- resume: SIGKILL and corrupt checkpoints
+
+
+@pytest.fixture(scope="module")
+def reference_curve(tiny_llama_dir, tmp_path_factory) -> tuple[Path, list]:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = cli(*tiny_args(tiny_llama_dir, out, "--max-steps", "12"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, curve(out)
+
+
+def test_sigkill_then_resume_reproduces_the_loss_curve_exactly(tiny_llama_dir, reference_curve, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "pieval", *tiny_args(tiny_llama_dir, out, "--max-steps", "12")]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    # kill after the step-3 checkpoint, part-way to the step-6 one
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "checkpoint-000012").exists()
+    resumed = cli(*tiny_args(tiny_llama_dir, out, "--max-steps", "12", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-" in resumed.stdout + resumed.stderr
+    assert curve(out) == reference_curve[1]  # same steps, same losses and lrs, to the last bit
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_llama_dir, reference_curve, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_curve[0], out, symlinks=True)
+    weights = out / "checkpoint-000012" / "training_state" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a torn file
+    resumed = cli(*tiny_args(tiny_llama_dir, out, "--max-steps", "12", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "cannot resume from checkpoint-000012" in log
+    assert "resuming from checkpoint-000009 (step 9), falling back past: checkpoint-000012" in log
+    assert curve(out) == reference_curve[1]
+
+
+def test_optimizer_state_is_kept_only_in_the_newest_checkpoints(reference_curve):
+    out = reference_curve[0]
+    with_state = sorted(p.name for p in out.glob("checkpoint-*") if (p / "training_state").is_dir())
+    assert with_state == ["checkpoint-000009", "checkpoint-000012"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{s:06d}" for s in (3, 6, 9, 12)]
+
+
+# ---------------------------------------------------------------- evaluation as it trains
+
+
+def test_eval_tasks_run_on_each_checkpoint_and_build_a_table(tiny_llama_dir, heldout_dir, tmp_path):
+    out = tmp_path / "run"
+    metadata = json.dumps({"data_path": str(heldout_dir), "max_docs": 1, "max_doc_tokens": 1024, "windows": [512, 1024]})
+    rc = main(tiny_args(tiny_llama_dir, out, "--max-steps", "4", "--save-every", "4", "--eval-tasks", "local_ppl",
+                        "--eval-every", "2", "--eval-metadata", metadata))  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]  # step 0 = interpolated, not yet fine-tuned
+    assert [r["tokens"] for r in rows] == [0, 2 * 4 * 1024, 4 * 4 * 1024]
+    assert all(r["metrics"]["local_ppl"]["scored_tokens_1024"] == 1024 for r in rows)
+    table = (out / "eval" / "table.csv").read_text().splitlines()
+    assert table[0].startswith("step,tokens,") and "local_ppl/token_ppl_1024" in table[0] and len(table) == 4
+    full = json.loads((out / rows[-1]["results_file"]).read_text())
+    assert full["config"]["pieval"]["factor"] == 4.0 and full["config"]["pieval"]["context_length"] == 1024
+    assert full["results"]["local_ppl"]["token_ppl_1024,none"] == rows[-1]["metrics"]["local_ppl"]["token_ppl_1024"]
+    assert (out / "checkpoint-000002").is_dir()  # eval-every adds checkpoints between save-every ones
+
+
+# ---------------------------------------------------------------- variants
+
+
+def test_lora_saves_a_plain_merged_checkpoint(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    rc = main(tiny_args(tiny_llama_dir, out, "--max-steps", "2", "--lora", "--lora-target-modules", "q_proj,v_proj", "--lr", "1e-2"))
+    assert rc == 0
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    tuned = load_file(out / "checkpoint-000002" / "model.safetensors")
+    assert set(tuned) == set(base)  # no adapter keys: a plain checkpoint
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(".q_proj." in k or ".v_proj." in k for k in changed)
+    config = json.loads((out / "checkpoint-000002" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["max_position_embeddings"] == 1024
+
+
+def test_direct_finetuning_baseline_keeps_rope_and_sets_the_window(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--method", "none", "--gradient-checkpointing")) == 0
+    config = json.loads((out / "checkpoint-000001" / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+    assert config["max_position_embeddings"] == 1024
+
+
+def test_govreport_mode_trains_on_prompt_and_summary(tiny_llama_dir, tmp_path):
+    docs = tmp_path / "gov.jsonl"
+    text = (REPO / "models" / "corpus" / "kjv" / "heldout").glob("*.txt")
+    book = next(iter(sorted(text))).read_text()
+    docs.write_text("".join(json.dumps({"document": book[i * 5000 : (i + 1) * 5000], "summary": book[i * 100 : i * 100 + 200]}) + "\n" for i in range(3)))
+    out = tmp_path / "run"
+    argv = tiny_args(tiny_llama_dir, out, "--max-steps", "2", "--task", "govreport")
+    argv[argv.index("--data") + 1] = str(docs)
+    assert main(argv) == 0
+    state = json.loads((out / "checkpoint-000002" / "trainer_state.json").read_text())
+    assert state["data_position"]["epoch"] == 2 and state["data_position"]["docs"] == 2  # 8 examples of 3 documents
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_scaling_factor_below_one(tiny_llama_dir, tmp_path, capsys):
+    assert main(tiny_args(tiny_llama_dir, tmp_path / "o", "--scaling-factor", "0.5")) == 2
+    assert "scaling_factor must be >= 1 (got 0.5)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_rope_model(tmp_path, ref_model_dir, capsys):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=2048)).save_pretrained(tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(ref_model_dir).save_pretrained(tmp_path / "gpt2")
+    assert main(tiny_args(tmp_path / "gpt2", tmp_path / "o")) == 2
+    assert "no rotary position embedding" in capsys.readouterr().err
+
+
+def test_too_little_text_says_how_much_is_needed(tiny_llama_dir, tmp_path, capsys):
+    (tmp_path / "small.txt").write_text("In the beginning God created the heaven and the earth.")
+    argv = tiny_args(tiny_llama_dir, tmp_path / "o", "--max-steps", "1")
+    argv[argv.index("--data") + 1] = str(tmp_path / "small.txt")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds only" in err and "needs 1024 (L')" in err
+    assert not list((tmp_path / "o").glob("checkpoint-*"))
+
+
+def test_output_holding_a_different_run_is_refused_unless_overwrite(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_llama_dir, out, "--max-steps", "1")) == 0
+    assert main(tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--lr", "5e-4")) == 2
+    err = capsys.readouterr().err
+    assert "holds a different run (lr: 0.001 there vs 0.0005 now)" in err and "--overwrite" in err
+    assert main(tiny_args(tiny_llama_dir, out, "--max-steps", "1")) == 2  # same run: --resume or --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main(tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--lr", "5e-4", "--overwrite")) == 0
+    assert json.loads((out / "checkpoint-000001" / "finetune_config.json").read_text())["lr"] == 5e-4
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(tiny_args(tiny_llama_dir, tmp_path / "other", "--max-steps", "1")) == 2
+    assert "holds no pieval fine-tuning run" in capsys.readouterr().err
+
+
+def test_missing_data_path(tiny_llama_dir, tmp_path, capsys):
+    argv = tiny_args(tiny_llama_dir, tmp_path / "o")
+    argv[argv.index("--data") + 1] = str(tmp_path / "nope.jsonl")
+    assert main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err
