@@ -264,7 +264,7 @@ def _int_list(value: Any, name: str) -> list[int]:
 def build_dataset(**metadata: Any):
     """``custom_dataset`` hook: the prompts for ``metadata`` (task metadata merged with model_args).
 
-    Keys: ``lengths`` (default: the model's window, i.e. L' of ``pi_llama``), ``trials``,
+    Keys: ``lengths`` (default: the model's L', else ``max_length``), ``trials``,
     ``num_distances``, ``seed``, ``max_gen_toks`` (tokens left free for the answer; the task
     generates exactly that many).
     """
@@ -275,8 +275,8 @@ def build_dataset(**metadata: Any):
     model = task_model.from_metadata(metadata, "passkey")
     if metadata.get("lengths") is not None:
         lengths = _int_list(metadata["lengths"], "lengths")
-    elif model.window is not None:
-        lengths = [model.window]
+    elif (default := model.context_length or model.window) is not None:
+        lengths = [default]
     else:
         raise UserError(
             "passkey cannot tell the model's window: pass --metadata '{\"lengths\": [L]}' "

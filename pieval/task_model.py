@@ -19,6 +19,7 @@ class TaskModel:
     tokenizer: Any  # a fast transformers tokenizer: prompts are measured through its offsets
     window: int | None  # tokens prompt + generation may occupy (HFLM's max_length); None if unknown
     add_special_tokens: bool  # what HFLM's tok_batch_encode will do: BOS counts toward the window
+    context_length: int | None = None  # the model's L' (pieval.rope.resolve), when a checkpoint is named
 
     def encode(self, text: str, offsets: bool = False):
         """Token ids (and character offsets) exactly as HFLM will encode ``text`` as a context."""
@@ -29,7 +30,7 @@ class TaskModel:
 def from_metadata(metadata: Mapping[str, Any], task: str) -> TaskModel:
     """Tokenizer from ``tokenizer``/``pretrained``; window from ``max_length``, else the model's L'.
 
-    L' comes from ``pieval.rope.resolve`` on the checkpoint config with the same
+    L' comes from ``pieval.rope.resolve`` on the ``pretrained`` config with the same
     ``scaling_factor``/``context_length``/``rope_method`` the ``pi_llama`` model receives, which is
     also the ``max_length`` that model defaults to.
     """
@@ -50,15 +51,19 @@ def from_metadata(metadata: Mapping[str, Any], task: str) -> TaskModel:
             f"{name!r} loaded {type(tokenizer).__name__}: convert it or pass a fast tokenizer=..."
         )
     add_bos = metadata.get("add_bos_token")
-    return TaskModel(tokenizer, _window(metadata, task), True if add_bos is None else bool(add_bos))
-
-
-def _window(metadata: Mapping[str, Any], task: str) -> int | None:
     max_length = metadata.get("max_length")
-    if max_length is not None:
-        if not isinstance(max_length, int) or max_length < 2:
-            raise UserError(f"{task}: max_length must be an integer >= 2 (got {max_length!r})")
-        return max_length
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise UserError(f"{task}: max_length must be an integer >= 2 (got {max_length!r})")
+    context_length = _context_length(metadata)
+    return TaskModel(
+        tokenizer,
+        window=max_length if max_length is not None else context_length,
+        add_special_tokens=True if add_bos is None else bool(add_bos),
+        context_length=context_length,
+    )
+
+
+def _context_length(metadata: Mapping[str, Any]) -> int | None:
     pretrained = metadata.get("pretrained")
     if not isinstance(pretrained, str):
         return None

@@ -220,12 +220,19 @@ def test_gen_kwargs_larger_than_the_reserved_room_are_refused(ref_model_dir):
         lm_eval.simple_evaluate(model=_lm_class()(lambda k: True), tasks=["passkey"], task_manager=tm, gen_kwargs="max_gen_toks=32")
 
 
-def test_default_length_is_the_models_window(tiny_llama_dir):
+def test_default_length_is_the_models_context_length(tiny_llama_dir):
+    def lengths(**md):
+        return set(passkey.build_dataset(**md, trials=1, num_distances=2)["test"]["length"])
+
     md = {"pretrained": str(tiny_llama_dir), "scaling_factor": 2}
     assert from_metadata(md, "passkey").window == 512
-    ds = passkey.build_dataset(**md, trials=1, num_distances=2)["test"]
-    assert set(ds["length"]) == {512}
-    assert set(passkey.build_dataset(pretrained=str(tiny_llama_dir), max_length=300, trials=1, num_distances=2)["test"]["length"]) == {300}
+    assert lengths(**md) == {512}
+    # max_length widens the window HFLM allows, not the default length; longer lengths then fit
+    assert lengths(pretrained=str(tiny_llama_dir), max_length=300) == {256}
+    assert lengths(pretrained=str(tiny_llama_dir), max_length=300, lengths=[300]) == {300}
+    assert lengths(tokenizer=str(tiny_llama_dir), max_length=300) == {300}
+    with pytest.raises(UserError, match="cannot tell the model's window"):
+        lengths(tokenizer=str(tiny_llama_dir))
 
 
 def test_no_prompt_is_truncated_by_hflm(tiny_llama_dir, caplog):
