@@ -272,3 +272,13 @@ def test_simple_evaluate_records_pieval_config(tiny_llama_dir, long_text, tmp_pa
     assert results["results"]["pieval_backend_smoke"]["word_perplexity,none"] > 1
     provenance = results["config"]["pieval"]
     assert (provenance["factor"], provenance["context_length"], provenance["rope_type"]) == (4.0, 4 * L, "linear")
+
+
+def test_peft_adapter_loads_on_the_extended_model(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter.save_pretrained(tmp_path)
+    lm = load(tiny_llama_dir, scaling_factor=4, peft=str(tmp_path))
+    assert type(lm.model).__name__ == "PeftModel"  # verify() ran on the wrapped model
+    assert lm.max_length == 4 * L
