@@ -164,32 +164,76 @@ def _first(*values):
     return next((v for v in values if v not in (None, "", [], {})), None)
 
 
-def _dataset(rf: ResultsFile, task: str) -> tuple[str | None, str | None]:
-    cfg = rf.data["configs"].get(task) or {}
-    meta = rf.task_metadata(task)
-    if meta.get("data_path"):
-        name = str(meta["data_path"])
-    else:
-        name = _first(meta.get("dataset"), meta.get("dataset_name"), cfg.get("dataset_path"))
-        if name and cfg.get("dataset_name") and not meta.get("dataset"):
-            name = f"{name}:{cfg['dataset_name']}"
-    revision = _first(
-        meta.get("data_sha256"),
-        meta.get("dataset_revision"),
-        meta.get("revision"),
-        (cfg.get("dataset_kwargs") or {}).get("revision"),
-        rf.task_results(task).get("data_sha256"),
-    )
-    return name, revision
-
-
-def _docs(rf: ResultsFile, task: str):
-    res = rf.task_results(task)
-    for key in ("docs", "num_docs", "n_docs"):
-        for k, v in res.items():
-            if k.split(",")[0] == key:
-                return int(v)
+def _n_samples(rf: ResultsFile, task: str):
     return (rf.data.get("n-samples", {}).get(task) or {}).get("effective")
+
+
+def _truncation(max_doc_tokens, cut=None) -> str:
+    if not max_doc_tokens:
+        return "none"
+    return f"first {max_doc_tokens} tokens" + (f" ({cut} docs cut)" if cut is not None else "")
+
+
+# What each kind of task records about its data (the task metadata written into the
+# results JSON's ``configs`` section); a task that does not use a field leaves it empty.
+def _perplexity_fields(rf: ResultsFile, task: str) -> dict:
+    meta = rf.task_metadata(task)
+    corpus, scoring, documents = meta.get("corpus") or {}, meta.get("scoring") or {}, meta.get("documents") or {}
+    data_path = _first(corpus.get("data_path"), meta.get("data_path"))
+    hub = _first(corpus.get("dataset"), meta.get("dataset"))
+    if not data_path and hub:
+        hub = ":".join(str(p) for p in (hub, corpus.get("dataset_config"), corpus.get("dataset_split")) if p)
+    return {
+        "dataset": data_path or hub,
+        "dataset_revision": _first(corpus.get("dataset_revision"), meta.get("dataset_revision")),
+        "docs": _first(documents.get("scored"), _n_samples(rf, task)),
+        "stride": _first(scoring.get("stride"), meta.get("stride")),
+        "truncation": _truncation(_first(scoring.get("max_doc_tokens"), meta.get("max_doc_tokens")), documents.get("truncated")),
+        "seed": corpus.get("sample_seed") if corpus.get("max_docs") else None,
+    }
+
+
+def _passkey_fields(rf: ResultsFile, task: str) -> dict:
+    from pieval.passkey import DEFAULT_SEED
+
+    meta = rf.task_metadata(task)
+    return {
+        "dataset": "generated passkey prompts",
+        "docs": _n_samples(rf, task),
+        "seed": meta.get("seed", DEFAULT_SEED),  # the task's default when --metadata gave none
+    }
+
+
+def _govreport_fields(rf: ResultsFile, task: str) -> dict:
+    from pieval.protocol import GOVREPORT_MAX_DOC_TOKENS
+
+    meta = rf.task_metadata(task)
+    return {
+        "dataset": meta.get("data_path") or f"tau/scrolls:gov_report:{meta.get('split') or 'validation'}",
+        "dataset_revision": None if meta.get("data_path") else meta.get("revision") or "main",
+        "docs": _n_samples(rf, task),
+        "truncation": _truncation(meta.get("max_doc_tokens", GOVREPORT_MAX_DOC_TOKENS)),
+        "seed": rf.data["config"].get("random_seed"),
+    }
+
+
+def _lmeval_task_fields(rf: ResultsFile, task: str) -> dict:
+    cfg = rf.data["configs"].get(task) or {}
+    name = ":".join(str(p) for p in (cfg.get("dataset_path"), cfg.get("dataset_name")) if p) or None
+    return {
+        "dataset": name,
+        "dataset_revision": (cfg.get("dataset_kwargs") or {}).get("revision"),
+        "docs": _n_samples(rf, task),
+        "seed": rf.data["config"].get("random_seed"),
+    }
+
+
+TASK_FIELDS = {
+    "perplexity": _perplexity_fields,
+    "passkey": _passkey_fields,
+    "govreport": _govreport_fields,
+    "original_window": _lmeval_task_fields,
+}
 
 
 def _date(rf: ResultsFile) -> str:
@@ -199,12 +243,12 @@ def _date(rf: ResultsFile) -> str:
     return str(d)
 
 
-def columns(rf: ResultsFile, task: str) -> dict[str, object]:
-    """The provenance columns of ``task``'s row from this results file (raises if it has none)."""
+def columns(rf: ResultsFile, task: str, kind: str) -> dict[str, object]:
+    """The provenance columns of ``task``'s row (``kind``: its table, a `TASK_FIELDS` key)."""
     require(rf)
-    pv, cfg, meta = _pieval(rf), rf.data["config"], rf.task_metadata(task)
-    dataset, revision = _dataset(rf, task)
-    max_doc_tokens = _first(meta.get("max_doc_tokens"), rf.task_results(task).get("max_doc_tokens"))
+    pv, cfg = _pieval(rf), rf.data["config"]
+    task_fields = {"dataset": None, "dataset_revision": None, "docs": None, "stride": None, "truncation": "none", "seed": None}
+    task_fields.update(TASK_FIELDS[kind](rf, task))
     return {
         "model_revision": cfg.get("model_revision"),
         "model_sha": _first(pv.get("model_sha"), cfg.get("model_sha")),
@@ -213,12 +257,7 @@ def columns(rf: ResultsFile, task: str) -> dict[str, object]:
         "theta": float(pv["theta"]),
         "dtype": pv["dtype"],
         "attn_implementation": pv["attn_implementation"],
-        "dataset": dataset,
-        "dataset_revision": revision,
-        "docs": _docs(rf, task),
-        "stride": meta.get("stride"),
-        "truncation": f"first {max_doc_tokens} tokens" if max_doc_tokens else "none",
-        "seed": _first(meta.get("seed"), cfg.get("random_seed")),
+        **task_fields,
         "lm_eval_version": rf.data["lm_eval_version"],
         "transformers_version": rf.data["transformers_version"],
         "torch_version": _torch_version(rf),

@@ -158,7 +158,7 @@ def collect(files: Iterable[ResultsFile], problems: list[Problem]) -> dict[str, 
             continue
         for task, kind in tasks:
             try:
-                cells[kind] += _CELLS[kind](rf, task, provenance.columns(rf, task))
+                cells[kind] += _CELLS[kind](rf, task, provenance.columns(rf, task, kind))
             except ValueError as e:
                 problems.append(Problem(rf.label, f"{e}; that row is not written"))
     return cells
