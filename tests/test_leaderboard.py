@@ -238,3 +238,22 @@ def test_claims_fail_and_missing_are_reported(written, tmp_path):
     assert by["2"].status == claims.PASS
     # a target window nobody measured: every claim that needs it is MISSING, never PASS
     assert {c.status for c in claims.check(written, 256, 4096) if c.number != "1"} == {claims.MISSING}
+
+
+def test_a_real_stock_cli_run(tmp_path):
+    """An unedited `lm_eval --model pi_llama` output (tests/fixtures/results/real): values and provenance."""
+    board = build.build([FIXTURES / "real"], with_reference=False)
+    assert [p for p in board.problems if p.skipped] == []
+    (path,) = (FIXTURES / "real").rglob("results_*.json")
+    data = json.loads(path.read_text())
+    (row,) = board.tables["ppl_local"].to_dict("records")
+    for w in (256, 512, 1024):
+        assert row[str(w)] == data["results"]["local_ppl"][f"token_ppl_{w},none"]
+    assert (row["model"], row["method"], row["L"], row["L'"], row["steps"]) == ("tiny-llama", "PI", 256, 1024, 0)
+    assert (row["dataset"], row["docs"], row["stride"], row["truncation"]) == ("heldout", 1, 128, "first 1536 tokens (1 docs cut)")
+    assert all(row[c] not in (None, "") for c in provenance.COLUMNS if c not in ("model_sha", "dataset_revision", "seed"))
+    (pk,) = board.tables["passkey"].to_dict("records")
+    assert (pk["length"], pk["k_max"], pk["acc"], pk["seed"]) == (1024, 0.0, 0.0, 0)
+    from pieval.leaderboard import plots
+
+    assert {p.name for p in plots.draw(board, tmp_path)} >= {"passkey_heatmap_1024.png", "ppl_vs_window_local.svg"}
