@@ -49,11 +49,6 @@ class RopeSpec:
     context_length: int  # L' = round(s·L)
     theta: float  # the checkpoint's rope_theta (kept; "ntk" derives its own from it)
 
-    @property
-    def rope_type(self) -> str | None:
-        """The transformers rope_type this spec builds; None for "none" (whatever was saved)."""
-        return ROPE_TYPES.get(self.method)
-
 
 # ---------------------------------------------------------------------------
 # reading a checkpoint config

@@ -43,11 +43,11 @@ class TorchRotaryAttention(flash_rotary.PIRotaryLlamaAttention):
     rotary_kernel = staticmethod(torch_apply_rotary_emb)
 
 
-def pi_config(path, s: float, attn: str):
+def build(path, s: float, attn: str = "sdpa", **kwargs) -> LlamaForCausalLM:
+    """The checkpoint extended by PI factor s, built the supported way (config set before build)."""
     config = AutoConfig.from_pretrained(path)
     rope.apply(config, rope.resolve(config, scaling_factor=s))
-    config._attn_implementation = attn
-    return config
+    return LlamaForCausalLM.from_pretrained(path, config=config, attn_implementation=attn, **kwargs)
 
 
 def padded_batch(vocab: int, seq: int = 300):
@@ -64,9 +64,9 @@ def padded_batch(vocab: int, seq: int = 300):
 
 @pytest.mark.parametrize("s", [1.0, 2.5, 4.0])
 def test_subclass_gives_stock_logits_with_torch_kernel(tiny_llama_dir, s):
-    stock = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, s, "sdpa"))
+    stock = build(tiny_llama_dir, s, "sdpa")
     with flash_rotary.interpolated_rotary(TorchRotaryAttention):
-        patched = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, s, "sdpa"))
+        patched = build(tiny_llama_dir, s, "sdpa")
     assert all(isinstance(layer.self_attn, TorchRotaryAttention) for layer in patched.model.layers)
     assert patched.state_dict().keys() == stock.state_dict().keys()
     ids, mask, positions = padded_batch(stock.config.vocab_size)
@@ -79,9 +79,9 @@ def test_subclass_gives_stock_logits_with_torch_kernel(tiny_llama_dir, s):
 
 
 def test_gradients_match_stock(tiny_llama_dir):
-    stock = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, 4.0, "sdpa"))
+    stock = build(tiny_llama_dir, 4.0, "sdpa")
     with flash_rotary.interpolated_rotary(TorchRotaryAttention):
-        patched = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, 4.0, "sdpa"))
+        patched = build(tiny_llama_dir, 4.0, "sdpa")
     ids = torch.randint(3, stock.config.vocab_size, (1, 200))
     for model in (stock, patched):
         model(ids, labels=ids).loss.backward()
@@ -98,7 +98,7 @@ def test_patch_is_undone_after_build(tiny_llama_dir):
     recorders = modeling_llama.LlamaPreTrainedModel._can_record_outputs
     before = dict(recorders)
     with flash_rotary.interpolated_rotary(TorchRotaryAttention):
-        patched = LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=pi_config(tiny_llama_dir, 2.0, "eager"))
+        patched = build(tiny_llama_dir, 2.0, "eager")
     assert recorders == before and recorders["attentions"] is modeling_llama.LlamaAttention
     assert flash_rotary.PATTERN not in get_patch_mapping()
     assert modeling_llama.LlamaAttention.__name__ == "LlamaAttention"
@@ -108,6 +108,7 @@ def test_patch_is_undone_after_build(tiny_llama_dir):
     with torch.no_grad():
         out = patched(torch.arange(3, 40)[None], output_attentions=True)
     assert len(out.attentions) == patched.config.num_hidden_layers
+    assert all(a.shape == (1, 4, 37, 37) for a in out.attentions)
     assert "flash_attn" not in sys.modules
 
 
@@ -140,9 +141,7 @@ def test_fused_kernel_matches_torch_rotary_on_gpu(tiny_llama_dir):
         attn_implementation="flash_attention_2",
     ).model
     assert all(isinstance(layer.self_attn, flash_rotary.PIRotaryLlamaAttention) for layer in fused.model.layers)
-    reference = LlamaForCausalLM.from_pretrained(
-        tiny_llama_dir, config=pi_config(tiny_llama_dir, 4.0, "flash_attention_2"), dtype=torch.bfloat16
-    ).cuda()
+    reference = build(tiny_llama_dir, 4.0, "flash_attention_2", dtype=torch.bfloat16).cuda()
     assert type(reference.model.layers[0].self_attn) is modeling_llama.LlamaAttention
     ids = torch.randint(3, reference.config.vocab_size, (2, 900), device="cuda")
     with torch.no_grad():
