@@ -254,11 +254,17 @@ def heat_map(samples: Iterable[Mapping[str, Any]]) -> dict[int, dict[int, float]
 # ---------------------------------------------------------------- lm-eval glue (tasks/passkey/)
 
 
-def _int_list(value: Any, name: str) -> list[int]:
+def _positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"passkey metadata {name} must be a positive integer (got {value!r})")
+    return value
+
+
+def _lengths(value: Any) -> list[int]:
     values = value if isinstance(value, (list, tuple)) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise UserError(f"passkey metadata {name} must be a positive integer or a list of them (got {value!r})")
-    return list(values)
+    if not values:
+        raise UserError("passkey metadata lengths is empty: give at least one length, e.g. [8192]")
+    return list(dict.fromkeys(_positive_int(v, "lengths") for v in values))  # repeats run once
 
 
 def build_dataset(**metadata: Any):
@@ -274,7 +280,7 @@ def build_dataset(**metadata: Any):
 
     model = task_model.from_metadata(metadata, "passkey")
     if metadata.get("lengths") is not None:
-        lengths = _int_list(metadata["lengths"], "lengths")
+        lengths = _lengths(metadata["lengths"])
     elif (default := model.context_length or model.window) is not None:
         lengths = [default]
     else:
@@ -285,10 +291,10 @@ def build_dataset(**metadata: Any):
     rows = generate(
         model,
         lengths,
-        trials=_int_list(metadata.get("trials", PASSKEY_TRIALS), "trials")[0],
-        num_distances=_int_list(metadata.get("num_distances", PASSKEY_NUM_DISTANCES), "num_distances")[0],
+        trials=_positive_int(metadata.get("trials", PASSKEY_TRIALS), "trials"),
+        num_distances=_positive_int(metadata.get("num_distances", PASSKEY_NUM_DISTANCES), "num_distances"),
         seed=metadata.get("seed", DEFAULT_SEED),
-        max_gen_toks=_int_list(metadata.get("max_gen_toks", DEFAULT_GEN_TOKS), "max_gen_toks")[0],
+        max_gen_toks=_positive_int(metadata.get("max_gen_toks", DEFAULT_GEN_TOKS), "max_gen_toks"),
     )
     return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
 

@@ -222,7 +222,7 @@ def test_gen_kwargs_larger_than_the_reserved_room_are_refused(ref_model_dir):
 
 def test_default_length_is_the_models_context_length(tiny_llama_dir):
     def lengths(**md):
-        return set(passkey.build_dataset(**md, trials=1, num_distances=2)["test"]["length"])
+        return set(passkey.build_dataset(**{"trials": 1, "num_distances": 2, **md})["test"]["length"])
 
     md = {"pretrained": str(tiny_llama_dir), "scaling_factor": 2}
     assert from_metadata(md, "passkey").window == 512
@@ -233,6 +233,9 @@ def test_default_length_is_the_models_context_length(tiny_llama_dir):
     assert lengths(tokenizer=str(tiny_llama_dir), max_length=300) == {300}
     with pytest.raises(UserError, match="cannot tell the model's window"):
         lengths(tokenizer=str(tiny_llama_dir))
+    assert lengths(tokenizer=str(tiny_llama_dir), lengths=[300, 256, 300]) == {256, 300}
+    with pytest.raises(UserError, match="trials must be a positive integer"):
+        lengths(tokenizer=str(tiny_llama_dir), lengths=256, trials=[2, 3])
 
 
 def test_no_prompt_is_truncated_by_hflm(tiny_llama_dir, caplog):
