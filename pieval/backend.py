@@ -112,16 +112,16 @@ class PILlama(SlidingWindowMixin, HFLM):
 
     # ------------------------------------------------------------------ requests
 
-    def _refuse_overlong(self, lengths: list[int], limit: int, kind: str, fix: str) -> None:
+    def _refuse_overlong(self, lengths: list[int], kind: str, fix: str) -> None:
+        """UserError (or, with truncation=True, one counting warning) for lengths over max_length."""
+        limit = self.max_length
         over = [n for n in lengths if n > limit]
         if not over:
             return
-        counts = f"{len(over)} of {len(lengths)} {kind} requests exceed max_length={self.max_length}" + (
-            f" (longest {max(over)} tokens where {limit} fit)"
-        )
+        counts = f"{len(over)} of {len(lengths)} {kind} requests exceed max_length={limit} (longest {max(over)} tokens)"
         if not self.truncation:
             raise UserError(
-                f"{counts}: lm-eval would silently drop their oldest tokens. {fix}, or pass "
+                f"{counts}: lm-eval would cut their oldest tokens, changing what is measured. {fix}, or pass "
                 "truncation=True to left-truncate them"
             )
         log.warning("%s: left-truncating them (truncation=True), dropping up to %d tokens", counts, max(over) - limit)
@@ -130,7 +130,6 @@ class PILlama(SlidingWindowMixin, HFLM):
         # context + continuation minus the last token is what HFLM feeds the model
         self._refuse_overlong(
             [len(ctx) + len(cont) - 1 for _, ctx, cont in requests],
-            self.max_length,
             "loglikelihood",
             "Raise max_length (or scaling_factor/context_length)",
         )
@@ -142,9 +141,7 @@ class PILlama(SlidingWindowMixin, HFLM):
             len(self.tok_encode(context)) + normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)["max_gen_toks"]
             for context, gen_kwargs in (req.args for req in requests)
         ]
-        self._refuse_overlong(
-            lengths, self.max_length, "generate_until (prompt + max_gen_toks)", "Raise max_length or lower max_gen_toks"
-        )
+        self._refuse_overlong(lengths, "generate_until (prompt + max_gen_toks)", "Raise max_length or lower max_gen_toks")
         return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
     # ------------------------------------------------------------------ provenance
