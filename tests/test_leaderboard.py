@@ -257,3 +257,23 @@ def test_a_real_stock_cli_run(tmp_path):
     from pieval.leaderboard import plots
 
     assert {p.name for p in plots.draw(board, tmp_path)} >= {"passkey_heatmap_1024.png", "ppl_vs_window_local.svg"}
+
+
+def test_finetune_step_from_a_pieval_finetune_run_dir(tmp_path):
+    """Without a fine-tune record in the results JSON, the run directory's checkpoint gives it."""
+    src = sorted((GOOD / "finetune-ft").rglob("results_*.json"))[0]
+    data = json.loads(src.read_text())
+    del data["config"]["pieval"]["finetune"]
+    data["config"]["pieval"]["pretrained"] = "/elsewhere/ft-1024/checkpoint-000200"  # moved since
+    run = tmp_path / "ft-1024"
+    (run / "eval" / "checkpoint-000200").mkdir(parents=True)
+    (run / "eval" / "checkpoint-000200" / src.name).write_text(json.dumps(data))
+    (run / "checkpoint-000200").mkdir()
+    (run / "checkpoint-000200" / "trainer_state.json").write_text(json.dumps(
+        {"step": 200, "rope": {"method": "none", "factor": 1.0, "base_window": 256, "context_length": 1024}}))
+    (run / "checkpoint-000200" / "finetune_config.json").write_text(json.dumps({"model": "models/kjv-llama-tiny", "method": "none"}))
+    (row,) = build.build([run], with_reference=False).tables["ppl_local"].to_dict("records")
+    assert (row["method"], row["steps"], row["L"], row["L'"], row["base_model"]) == ("FT", 200, 256, 1024, "models/kjv-llama-tiny")
+    (run / "checkpoint-000200" / "trainer_state.json").unlink()  # no record anywhere: a plain model
+    (row,) = build.build([run], with_reference=False).tables["ppl_local"].to_dict("records")
+    assert (row["method"], row["steps"], row["L"]) == ("none", 0, 1024)

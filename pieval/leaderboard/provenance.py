@@ -6,9 +6,9 @@ lm-eval's own sections (``config``, ``configs.<task>``, versions, ``date``) plus
 fine-tuned checkpoint is recognised by a ``finetune`` dict (``step``, ``method``,
 ``base_model``, optionally ``base_window``) in ``config.pieval`` or, for runs that pass it
 through ``simple_evaluate``'s ``metadata``, in the task metadata under ``pieval_finetune``.
-Failing both, a checkpoint directory written by `pieval finetune` that still exists at the
-recorded path is read (``trainer_state.json`` step, ``finetune_config.json`` method and
-base model).
+Failing both, the checkpoint written by `pieval finetune` is read where it still exists: beside
+the results file in the run directory's ``eval/<checkpoint>/`` layout, or at the recorded path
+(``trainer_state.json``: step, method, base window; ``finetune_config.json``: base model).
 """
 
 from __future__ import annotations
@@ -92,16 +92,30 @@ def _finetune(rf: ResultsFile) -> dict:
         ft = rf.task_metadata(task).get("pieval_finetune")
         if ft:
             return ft
-    return _finetune_from_checkpoint(Path(str(_pieval(rf).get("pretrained", ""))))
+    # `pieval finetune --eval-every` writes <run>/eval/<checkpoint>/results_*.json beside
+    # <run>/<checkpoint>/; the recorded path may be absolute on another machine
+    pretrained = Path(str(_pieval(rf).get("pretrained", "")))
+    for ckpt in (rf.path.parent.parent.parent / rf.path.parent.name, pretrained):
+        ft = _finetune_from_checkpoint(ckpt)
+        if ft:
+            return ft
+    return {}
 
 
 def _finetune_from_checkpoint(path: Path) -> dict:
+    """The record `pieval finetune` saves in each checkpoint (trainer_state.json, finetune_config.json)."""
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         settings = json.loads((path / "finetune_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        rope = state.get("rope") or {}
+        return {
+            "step": int(state["step"]),
+            "method": rope.get("method", settings.get("method")),
+            "base_model": settings.get("model"),
+            "base_window": rope.get("base_window"),
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
-    return {"step": int(state["step"]), "method": settings.get("method"), "base_model": settings.get("model")}
 
 
 def method_label(pieval: dict, finetune: dict) -> str:
