@@ -280,6 +280,21 @@ def test_stock_cli_runs_passkey_with_logged_samples(ref_model_dir, tiny_llama_di
 
 
 @pytest.mark.slow
+def test_simple_evaluate_with_pi_llama_defaults_to_its_context_length(tiny_llama_dir, caplog):
+    import lm_eval
+
+    with caplog.at_level(logging.WARNING):
+        out = lm_eval.simple_evaluate(
+            model="pi_llama", model_args={"pretrained": str(tiny_llama_dir), "scaling_factor": 2}, tasks=["passkey"],
+            metadata={"trials": 1, "num_distances": 4}, log_samples=True, device="cpu", batch_size=4,
+        )
+    assert {"k_max_512,none", "acc_512,none"} <= set(out["results"]["passkey"])
+    assert [s["doc"]["k"] for s in out["samples"]["passkey"]] == [128, 256, 384, 512]
+    assert all(512 - 13 <= s["doc"]["prompt_tokens"] <= 512 - 10 for s in out["samples"]["passkey"])
+    assert "Left truncation" not in caplog.text
+
+
+@pytest.mark.slow
 def test_reference_model_retrieves_at_its_window(ref_model_dir):
     """The trained reference model (L = 256) finds the key across the whole grid at L' = 256."""
     if not (ref_model_dir / "model.safetensors").exists():
