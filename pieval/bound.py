@@ -157,8 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
     from pieval.errors import UserError
-    from pieval.leaderboard.plots import save
+    from pieval.leaderboard.plots import RC, save
 
     if args.d < 2 or args.d % 2:
         raise UserError(f"--d must be an even head dimension >= 2 (got {args.d}); LLaMA-7B uses 128")
@@ -174,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     inside = np.abs(f(np.arange(args.window))).max()
     outside = np.abs(f(np.arange(args.window, 2 * args.window))).max()
     print(f"Figure 2 fit (L={args.window}): max |a(s)| {inside:.3g} on [0, L) vs {outside:.3g} on [L, 2L)")
-    for path in save(figure2(f, args.window), out, "figure2") + save(figure5(r), out, "figure5"):
-        print(path)
+    with plt.rc_context(RC):
+        for path in save(figure2(f, args.window), out, "figure2") + save(figure5(r), out, "figure5"):
+            print(path)
     return 0

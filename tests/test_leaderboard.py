@@ -218,6 +218,7 @@ def test_claims_from_the_written_tables(written):
     assert "FT 384 (200 steps) vs PI 1024 (200 steps)" in by["4"].measured
     assert "(+3.2%;" in by["5"].measured
     assert str(by["3b"]).startswith("[PASS] (3b) PI + fine-tune: passkey k_max = L'")
+    assert claims.summary(got).splitlines()[-1] == "6 PASS, 0 FAIL, 0 MISSING"
 
 
 def test_claims_fail_and_missing_are_reported(written, tmp_path):

@@ -44,6 +44,12 @@ class Claim:
         return f"[{self.status}] ({self.number}) {self.statement}: {self.measured}"
 
 
+def summary(claims: list[Claim]) -> str:
+    """One line per claim, then the tally: what the demo prints."""
+    tally = {s: sum(c.status == s for c in claims) for s in (PASS, FAIL, MISSING)}
+    return "\n".join([*map(str, claims), ", ".join(f"{n} {s}" for s, n in tally.items())])
+
+
 def _read(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     frame = frame[frame["source"] == "measured"].copy()

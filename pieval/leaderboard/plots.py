@@ -22,7 +22,7 @@ from pieval.leaderboard import provenance, tables  # noqa: E402
 from pieval.leaderboard.build import Leaderboard  # noqa: E402
 from pieval.leaderboard.results import Problem, ResultsError, iter_samples  # noqa: E402
 
-_RC = {"svg.fonttype": "none", "svg.hashsalt": "pieval", "figure.dpi": 100}
+RC = {"svg.fonttype": "none", "svg.hashsalt": "pieval", "figure.dpi": 100}
 WINDOW_LABEL = "evaluation window W (tokens)"
 PPL_LABEL = "perplexity (token-weighted, log scale)"
 STEPS_LABEL = "fine-tune steps"
@@ -153,7 +153,7 @@ def _slug(text: str) -> str:
 def draw(board: Leaderboard, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths: list[Path] = []
-    with plt.rc_context(_RC):
+    with plt.rc_context(RC):
         for name, frame in sorted(board.tables.items()):
             if name.startswith("ppl_") and name != "ppl_vs_steps" and len(_measured(frame)):
                 paths += ppl_vs_window(frame, board.metric_columns[name], _slug(name.removeprefix("ppl_")), out_dir)
