@@ -144,6 +144,8 @@ class SlidingWindowPerplexityTask(ConfigurableTask):
         metadata = dict(config.get("metadata") or {})
         self.scoring, self.corpus = settings_from_metadata(metadata)
         self._tokenizer_source = metadata.get("tokenizer") or metadata.get("pretrained")
+        # the model's own revision/trust_remote_code (model_args) load the same tokenizer it uses
+        self._tokenizer_kwargs = {k: metadata[k] for k in ("revision", "trust_remote_code") if metadata.get(k) is not None}
         self._windows: set[int] = set(self.scoring.windows or ())
         self._run = Counter()
         self._shorter: Counter = Counter()
@@ -196,7 +198,7 @@ class SlidingWindowPerplexityTask(ConfigurableTask):
             )
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self._tokenizer_source)
+        tok = AutoTokenizer.from_pretrained(self._tokenizer_source, **self._tokenizer_kwargs)
         return lambda text: len(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def fewshot_docs(self):

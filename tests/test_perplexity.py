@@ -17,6 +17,7 @@ from pieval.errors import UserError
 from pieval.perplexity import (
     REQUEST_TYPE,
     SlidingWindowConfig,
+    check_head_split,
     SlidingWindowError,
     SlidingWindowMixin,
     bits_per_byte,
@@ -181,6 +182,23 @@ def test_window_larger_than_max_length():
         config.resolve_windows(max_length=256)
     with pytest.raises(SlidingWindowError, match="default windows"):
         SlidingWindowConfig(stride=300).resolve_windows(max_length=512, base_window=256)
+
+
+def test_models_that_change_logits_after_the_head_are_refused(tiny_model):
+    """The chunked head must reproduce model(...).logits; a logit scale (Cohere) would not."""
+
+    class Scaled(type(tiny_model)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    scaled = Scaled(tiny_model.config).eval()
+    scaled.load_state_dict(tiny_model.state_dict())
+    probe = torch.tensor([[1, 5, 6, 7, 8]])
+    check_head_split(tiny_model, probe)
+    with pytest.raises(UserError, match="Scaled changes its logits after the output head"):
+        check_head_split(scaled, probe)
 
 
 def test_empty_document_scores_nothing(tiny_model):
