@@ -58,17 +58,22 @@ def check_pi_llama_run(results: dict, task: str, metric: str) -> None:
 
 
 def test_lm_eval_cli_runs_pi_llama(wheel_venv, tiny_llama_dir, tmp_path):
+    """A task from --include_path and a shipped pieval task (no include path needed) in one run."""
+    docs = tmp_path / "docs.jsonl"
+    shutil.copy(FIXTURE_TASKS / "docs.jsonl", docs)
     lm_eval(
         wheel_venv, tmp_path,
         "--model", "pi_llama",
         "--model_args", f"pretrained={tiny_llama_dir},scaling_factor=4",
-        "--tasks", "kjv_rolling",
+        "--tasks", "kjv_rolling,local_ppl",
         "--include_path", str(FIXTURE_TASKS),
+        "--metadata", json.dumps({"data_path": str(docs), "windows": [256, 1024], "stride": 128}),
         "--limit", str(LIMIT),
         "--output_path", "out",
     )
     results = results_json(tmp_path / "out")
     check_pi_llama_run(results, "kjv_rolling", "word_perplexity,none")
+    check_pi_llama_run(results, "local_ppl", "token_ppl_1024,none")
     assert results["n-samples"]["kjv_rolling"]["effective"] == LIMIT
 
 
@@ -84,21 +89,6 @@ def test_lm_eval_run_config(wheel_venv, tiny_llama_dir, tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     lm_eval(wheel_venv, tmp_path, "run", "--config", "cfg.yaml")
     check_pi_llama_run(results_json(tmp_path / "out"), "kjv_rolling", "word_perplexity,none")
-
-
-def test_shipped_task_needs_no_include_path(wheel_venv, tiny_llama_dir, tmp_path):
-    docs = tmp_path / "docs.jsonl"
-    shutil.copy(FIXTURE_TASKS / "docs.jsonl", docs)
-    lm_eval(
-        wheel_venv, tmp_path,
-        "--model", "pi_llama",
-        "--model_args", f"pretrained={tiny_llama_dir},scaling_factor=4",
-        "--tasks", "local_ppl",
-        "--metadata", json.dumps({"data_path": str(docs), "windows": [256, 1024], "stride": 128}),
-        "--output_path", "out",
-    )
-    results = results_json(tmp_path / "out")
-    check_pi_llama_run(results, "local_ppl", "token_ppl_1024,none")
 
 
 def test_console_script_of_this_interpreter(tiny_llama_dir, tmp_path):
