@@ -221,9 +221,10 @@ class GovReportTask(ConfigurableTask):
         if not isinstance(greedy, bool):
             raise UserError(f"govreport_pi metadata greedy must be true or false (got {greedy!r})")
         self.config.generation_kwargs = generation_kwargs(greedy, self.dataset["test"][0]["max_gen_toks"])
-        for name in ROUGE_TYPES:
-            self._aggregation_list[name] = mean
-            self._higher_is_better[name] = True
+        # Only ROUGE (not generate_until's default exact_match); process_results scores.
+        self._aggregation_list = dict.fromkeys(ROUGE_TYPES, mean)
+        self._metric_fn_list = dict.fromkeys(ROUGE_TYPES)
+        self._higher_is_better = dict.fromkeys(ROUGE_TYPES, True)
 
     def construct_requests(self, doc, ctx, **kwargs):
         check_generation_budget("govreport_pi", self.config.generation_kwargs, doc["max_gen_toks"])

@@ -311,11 +311,14 @@ class PasskeyTask(ConfigurableTask):
         super().__init__(config=config)
         # The prompts were sized for this many answer tokens: generate exactly that many.
         self.config.generation_kwargs["max_gen_toks"] = self.dataset["test"][0]["max_gen_toks"]
-        for length in sorted(set(self.dataset["test"]["length"])):
+        # Only these metrics (not generate_until's default exact_match); process_results scores.
+        lengths = sorted(set(self.dataset["test"]["length"]))
+        self._aggregation_list = {}
+        for length in lengths:
             self._aggregation_list[f"acc_{length}"] = mean
             self._aggregation_list[f"k_max_{length}"] = aggregate_k_max
-            self._higher_is_better[f"acc_{length}"] = True
-            self._higher_is_better[f"k_max_{length}"] = True
+        self._metric_fn_list = dict.fromkeys(self._aggregation_list)
+        self._higher_is_better = dict.fromkeys(self._aggregation_list, True)
 
     def construct_requests(self, doc, ctx, **kwargs):
         check_generation_budget("passkey", self.config.generation_kwargs, doc["max_gen_toks"])

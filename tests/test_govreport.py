@@ -159,6 +159,7 @@ def test_task_rouge_equals_rouge_score_on_the_same_pairs(reports, ref_model_dir)
     lm = _Echo.make()
     out = _evaluate(lm, tokenizer=str(ref_model_dir), data_path=str(reports), max_doc_tokens=300)
     res = out["results"]["govreport_pi"]
+    assert out["higher_is_better"]["govreport_pi"] == {"rouge1": True, "rouge2": True, "rougeL": True}
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     refs = [json.loads(line)["summary"] for line in reports.open()]
     preds = {r.doc["summaries"][0]: lm.summary(r.args[0]) for r in lm.requests}

@@ -180,7 +180,9 @@ def _run(lm, ref_model_dir, **metadata):
 
 def test_oracle_gets_k_max_equal_to_length_and_never_gets_zero(ref_model_dir):
     KeyReader = _lm_class()
-    res = _run(KeyReader(lambda k: True), ref_model_dir, lengths=[256, 512], trials=2)["results"]["passkey"]
+    out = _run(KeyReader(lambda k: True), ref_model_dir, lengths=[256, 512], trials=2)
+    assert out["higher_is_better"]["passkey"] == dict.fromkeys(["acc_256", "k_max_256", "acc_512", "k_max_512"], True)
+    res = out["results"]["passkey"]
     assert (res["k_max_256,none"], res["k_max_512,none"]) == (256, 512)
     assert (res["acc_256,none"], res["acc_512,none"]) == (1.0, 1.0)
     res = _run(KeyReader(lambda k: False), ref_model_dir, lengths=[256], trials=2)["results"]["passkey"]
