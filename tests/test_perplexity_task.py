@@ -98,6 +98,26 @@ def test_select_documents_first_n_or_seeded_sample():
     assert ids == sorted(ids, key=lambda s: int(s[1:]))  # kept in corpus order
 
 
+def test_hub_settings_reach_load_dataset_and_proofpile_selection(monkeypatch, tiny_llama_dir):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config, split, revision, streaming):
+        calls.append((name, config, split, revision, streaming))
+        return [{"text": "In the beginning " * n, "meta": "{}"} for n in (1, 40, 2, 60, 80)]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    task = load_task(
+        "proofpile_ppl", pretrained=str(tiny_llama_dir), dataset_revision="abc123", min_doc_tokens=100, max_docs=2
+    )
+    assert calls == [("emozilla/proofpile-test-tokenized", None, "train", "abc123", True)]
+    docs_ = task.config.metadata["documents"]
+    assert (docs_["selected"], docs_["eligible"], docs_["below_min_tokens_skipped"]) == (2, 3, 2)
+    assert task.config.metadata["corpus"]["dataset_revision"] == "abc123"
+    assert task.config.metadata["scoring"]["max_doc_tokens"] == PROOFPILE_MIN_TOKENS
+
+
 # ------------------------------------------------------------------ bad input at task build
 
 
