@@ -134,6 +134,13 @@ def test_bad_inputs_are_named_and_the_rest_goes_in(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
+def test_original_window_columns_cover_the_protocol_tasks():
+    from pieval.protocol import ORIGINAL_WINDOW_TASKS
+
+    assert set(tables.ORIGINAL_WINDOW_TASK_COLUMN) == set(ORIGINAL_WINDOW_TASKS)
+    assert set(tables.ORIGINAL_WINDOW_TASK_COLUMN.values()) <= set(tables.ORIGINAL_WINDOW_COLUMNS)
+
+
 def test_load_rejects_other_tools_files(tmp_path):
     path = tmp_path / "results_x.json"
     path.write_text(json.dumps([1, 2]))

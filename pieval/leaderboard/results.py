@@ -42,10 +42,6 @@ class ResultsFile:
     data: dict = field(repr=False)
     samples: dict[str, Path] = field(default_factory=dict, repr=False)  # task -> samples_<task>_*.jsonl
 
-    @property
-    def date_id(self) -> str:
-        return self.path.stem.rsplit("_", 1)[-1]
-
     def task_results(self, task: str) -> dict:
         return self.data["results"].get(task, {})
 
