@@ -22,7 +22,10 @@ from pieval.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "models" / "corpus" / "kjv" / "train.jsonl.gz"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}  # fmt: skip
 
 
 def tiny_args(model: Path, output: Path, *extra: str) -> list[str]:

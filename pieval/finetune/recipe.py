@@ -135,7 +135,7 @@ def training_examples(config: FinetuneConfig, tokenizer, length: int, position: 
 def finetune(config: FinetuneConfig) -> Path:
     """Run (or resume) the recipe; return the final checkpoint directory."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     output = Path(config.output).expanduser()
     procs = PartialState().num_processes
@@ -171,11 +171,18 @@ def finetune(config: FinetuneConfig) -> Path:
         f"{_count(model)} trainable parameters, {procs} process(es) x {accum} micro-batches of {config.micro_batch}"
     )
 
-    # 2. optimizer and schedule; accelerate wraps the model first (FSDP shards it before the optimizer sees it)
-    model = accelerator.prepare(model)
-    optimizer = accelerator.prepare(build_optimizer([p for p in model.parameters() if p.requires_grad], config))
-    scheduler = build_scheduler(optimizer.optimizer, config)
-    # Stepped once per optimizer step by us (a prepared scheduler steps once per process).
+    # 2. optimizer and schedule. FSDP must shard the model before the optimizer sees its parameters;
+    # DeepSpeed builds its engine from both at once, and cannot infer the micro-batch without a DataLoader.
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.micro_batch
+        raw_optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        model, optimizer = accelerator.prepare(model, raw_optimizer)
+    else:
+        model = accelerator.prepare(model)
+        raw_optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        optimizer = accelerator.prepare(raw_optimizer)
+    # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
+    scheduler = build_scheduler(raw_optimizer, config)
     accelerator.register_for_checkpointing(scheduler)
 
     # 3. resume: weights, optimizer, schedule, RNG and data position of the newest good checkpoint
