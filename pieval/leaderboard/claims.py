@@ -106,7 +106,9 @@ def check(leaderboard_dir: str | Path, L: int, L_prime: int, dataset: str | None
     t = thresholds
     windows = _windows(ppl)
     at_L = ppl[ppl["L"] == L]
-    base = _last(at_L[(at_L["method"] == "none") & (at_L["steps"] == 0)])
+    base_rows = at_L[(at_L["method"] == "none") & (at_L["steps"] == 0)]
+    # the base checkpoint itself over a fine-tuning run's untrained step-0 copy of it
+    base = _last(base_rows.assign(_own=base_rows["model"] == base_rows["base_model"]).sort_values("_own", kind="mergesort"))
     pi = at_L[(at_L["method"] == "PI") & (at_L["L'"] == L_prime)]
     pi0 = _last(pi[pi["steps"] == 0])
     pift = _last(pi[pi["steps"] > 0].sort_values("steps", kind="mergesort"))
