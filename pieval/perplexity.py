@@ -101,8 +101,9 @@ class SlidingWindowConfig:
 
     def __post_init__(self) -> None:
         if self.windows is not None:
-            windows = (self.windows,) if isinstance(self.windows, int) else self.windows
-            object.__setattr__(self, "windows", tuple(sorted(set(windows))))
+            # metadata may give one int, a list, or (by mistake) a string such as "256,512"
+            windows = (self.windows,) if isinstance(self.windows, (int, str)) else self.windows
+            object.__setattr__(self, "windows", tuple(dict.fromkeys(windows)))
         problems = []
         for name in ("stride", "max_doc_tokens", "head_chunk_tokens"):
             value = getattr(self, name)
@@ -117,6 +118,8 @@ class SlidingWindowConfig:
         problems = [p for p in problems if p]
         if problems:
             raise SlidingWindowError("; ".join(problems))
+        if self.windows is not None:
+            object.__setattr__(self, "windows", tuple(sorted(self.windows)))
 
     def resolve_windows(self, max_length: int, base_window: int | None = None) -> tuple[int, ...]:
         """The windows to run on a model with this ``max_length`` (and trained window L)."""
@@ -155,7 +158,10 @@ def _largest_power_of_two(n: int) -> int:
 
 def _window_problem(window, stride) -> str | None:
     if not _is_int(window) or window < 2:
-        return f"window {window!r} must be an integer >= 2 (BOS plus at least one document token)"
+        return (
+            f"window {window!r} must be an integer >= 2 (BOS plus at least one document token); "
+            "give windows as a list, e.g. --metadata '{\"windows\": [2048, 4096]}'"
+        )
     if _is_int(stride) and stride > window - 1:
         return (
             f"stride {stride} > W-1 = {window - 1} for window {window}: tokens between windows "

@@ -165,6 +165,8 @@ def test_aggregations_are_token_and_window_weighted():
         ({"windows": [1]}, "window 1 must be an integer >= 2"),
         ({"windows": [64, 128], "stride": 100}, "stride 100 > W-1 = 63 for window 64"),
         ({"windows": []}, "windows is empty"),
+        ({"windows": "256,512"}, "window '256,512' must be an integer >= 2"),
+        ({"windows": [256, "512"]}, "window '512' must be an integer >= 2"),
         ({"max_doc_tokens": 0}, "max_doc_tokens must be a positive integer (got 0)"),
     ],
 )
