@@ -21,7 +21,7 @@ METRIC_FORMAT = "{:.4f}"  # perplexity, accuracy %, ROUGE %, passkey success rat
 # Row order: measured before reference; per base model the paper's order of methods
 # (base, direct fine-tuning, PI, other rope methods), then windows and steps.
 _SOURCE_ORDER = {"measured": 0, "reference": 1}
-_METHOD_ORDER = {"none": 0, "FT": 1, "PI": 2}
+METHOD_ORDER = {"none": 0, "FT": 1, "PI": 2}
 
 
 @dataclass
@@ -68,7 +68,7 @@ def build(roots: list[str | Path], with_reference: bool = True) -> Leaderboard:
 
 def _sorted(frame: pd.DataFrame, key_columns: tuple[str, ...]) -> pd.DataFrame:
     order = frame.assign(
-        _source=frame["source"].map(_SOURCE_ORDER), _method=frame["method"].map(lambda m: _METHOD_ORDER.get(m, 3))
+        _source=frame["source"].map(_SOURCE_ORDER), _method=frame["method"].map(lambda m: METHOD_ORDER.get(m, 3))
     )
     by = ["_source", "base_model", "_method", "method", "L", "L'", "steps", "model", *key_columns]
     order = order.sort_values(by, kind="mergesort", na_position="last", key=_sort_key)

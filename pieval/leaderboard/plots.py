@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from pieval import atomic  # noqa: E402
 from pieval.leaderboard import provenance, tables  # noqa: E402
-from pieval.leaderboard.build import Leaderboard  # noqa: E402
+from pieval.leaderboard.build import METHOD_ORDER, Leaderboard  # noqa: E402
 from pieval.leaderboard.results import Problem, ResultsError, iter_samples  # noqa: E402
 
 RC = {"svg.fonttype": "none", "svg.hashsalt": "pieval", "figure.dpi": 100}
@@ -106,39 +106,45 @@ def ppl_vs_steps(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return save(fig, out_dir, "ppl_vs_steps")
 
 
-def passkey_success(board: Leaderboard, problems: list[Problem]) -> dict[int, dict[str, dict[int, float]]]:
-    """{length: {run label: {k: success rate}}} from the passkey samples logs (--log_samples)."""
+def _run_label(rid: provenance.RowId) -> str:
+    return f"{rid.model} {rid.method}" + (f" {rid.steps} steps" if rid.steps else "")
+
+
+def _run_order(rid: provenance.RowId) -> tuple:
+    return (rid.base_model, METHOD_ORDER.get(rid.method, len(METHOD_ORDER)), rid.method, rid.L_prime, rid.steps, rid.model)
+
+
+def passkey_success(board: Leaderboard, problems: list[Problem]) -> dict[int, dict[provenance.RowId, dict[int, float]]]:
+    """{length: {run: {k: success rate}}} from the passkey samples logs (--log_samples)."""
     from pieval.passkey import heat_map
 
-    out: dict[int, dict[str, dict[int, float]]] = {}
+    out: dict[int, dict[provenance.RowId, dict[int, float]]] = {}
     for rf in board.files:
         for task, path in sorted(rf.samples.items()):
             if tables.kind_of(rf, task) != "passkey" or provenance.missing(rf):
                 continue
-            rid = provenance.row_id(rf)
-            label = f"{rid.model} {rid.method}" + (f" {rid.steps} steps" if rid.steps else "")
             try:
                 rates = heat_map(iter_samples(path))
             except (ResultsError, KeyError, TypeError) as e:
                 problems.append(Problem(str(path), f"{path}: not a pieval passkey samples log ({type(e).__name__}: {e}); no heat map"))
                 continue
             for length, by_k in rates.items():
-                out.setdefault(length, {})[label] = by_k
+                out.setdefault(length, {})[provenance.row_id(rf)] = by_k
     return out
 
 
-def passkey_heatmap(length: int, runs: dict[str, dict[int, float]], out_dir: Path) -> list[Path]:
-    """Success rate by distance k (rows) for each run (columns) at one target length."""
+def passkey_heatmap(length: int, runs: dict[provenance.RowId, dict[int, float]], out_dir: Path) -> list[Path]:
+    """Success rate by distance k (rows) for each run (columns, base model / method / steps order)."""
     ks = sorted({k for by_k in runs.values() for k in by_k})
-    labels = sorted(runs)
-    grid = np.full((len(ks), len(labels)), np.nan)
-    for j, label in enumerate(labels):
+    order = sorted(runs, key=_run_order)
+    grid = np.full((len(ks), len(order)), np.nan)
+    for j, rid in enumerate(order):
         for i, k in enumerate(ks):
-            grid[i, j] = runs[label].get(k, np.nan)
-    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(labels), 1.5 + 0.25 * len(ks)))
+            grid[i, j] = runs[rid].get(k, np.nan)
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(order), 1.5 + 0.25 * len(ks)))
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_yticks(range(len(ks)), [str(k) for k in ks], fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_xticks(range(len(order)), [_run_label(rid) for rid in order], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(DISTANCE_LABEL)
     ax.set_xlabel(f"model (target length {length})")
     ax.set_title(f"passkey success rate, length {length}")
