@@ -285,3 +285,47 @@ def test_finetune_step_from_a_pieval_finetune_run_dir(tmp_path):
     (run / "checkpoint-000200" / "trainer_state.json").unlink()  # no record anywhere: a plain model
     (row,) = build.build([run], with_reference=False).tables["ppl_local"].to_dict("records")
     assert (row["method"], row["steps"], row["L"]) == ("none", 0, 1024)
+
+
+@pytest.mark.parametrize(
+    "drop, message, kept, lost",
+    [
+        ("passkey/acc_1024,none", "x.json: passkey has k_max_1024 but no acc_1024; that row is not written", "perplexity", "passkey"),
+        (
+            "local_ppl/token_ppl_1024,none",
+            "x.json: local_ppl has no token_ppl_1024 (windows [1024]) though other metrics of that window are "
+            "there; re-run the task with pieval's perplexity tasks; that row is not written",
+            "passkey",
+            "perplexity",
+        ),
+    ],
+)
+def test_a_task_missing_a_column_is_named_and_the_other_task_goes_in(drop, message, kept, lost):
+    rf = _rf()
+    task, metric = drop.split("/")
+    del rf.data["results"][task][metric]
+    problems = []
+    cells = tables.collect([rf], problems)
+    assert [p.message for p in problems] == [message]
+    assert cells[kept] and not cells[lost]
+
+
+def test_govreport_missing_rouge_and_non_numbers():
+    path = next((GOOD / "finetune-pi").rglob("results_2026-11-25T11-48-00.json"))
+    data = json.loads(path.read_text())
+    del data["results"]["govreport_pi"]["rougeL,none"]
+    data["results"]["boolq"]["acc,none"] = "N/A"
+    problems = []
+    cells = tables.collect([ResultsFile(path, "g.json", data)], problems)
+    messages = sorted(p.message for p in problems)
+    assert messages[0] == "g.json: boolq acc is 'N/A', not a number; that row is not written"
+    assert messages[1].startswith("g.json: govreport_pi reports") and "but not rougeL" in messages[1]
+    assert {c.column for c in cells["original_window"]} == {"piqa", "race_h", "winogrande"}
+
+
+def test_exploded_perplexity_is_written_as_inf():
+    rf = _rf()
+    rf.data["results"]["local_ppl"]["token_ppl_1024,none"] = float("inf")
+    board = build.Leaderboard({}, {}, [rf], [])
+    frame = tables.assemble(tables.collect([rf], board.problems)["perplexity"], (), ["256", "512", "1024"], board.problems)
+    assert build.csv_text(frame, ["256", "512", "1024"]).splitlines()[1].split(",")[7:10] == ["11.9021", "11.2037", "inf"]
