@@ -286,3 +286,43 @@ def test_missing_data_path(tiny_llama_dir, tmp_path, capsys):
     argv[argv.index("--data") + 1] = str(tmp_path / "nope.jsonl")
     assert main(argv) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_remedies(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from pieval.finetune import recipe
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(recipe, "optimizer_step", oom)
+    assert main(tiny_args(tiny_llama_dir, tmp_path / "o", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--gradient-checkpointing" in err and "--micro-batch" in err and "--lora" in err
+
+
+def test_remote_code_is_refused_unless_asked(tmp_path, capsys):
+    model = tmp_path / "custom"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoConfig": "configuration_mine.MineConfig"}}))
+    (model / "configuration_mine.py").write_text("raise SystemExit('remote code ran')\n")
+    assert main(tiny_args(model, tmp_path / "o")) == 2
+    assert "pass --trust-remote-code only if you trust that code" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tracker_that_is_not_installed(tiny_llama_dir, tmp_path, capsys):
+    assert main(tiny_args(tiny_llama_dir, tmp_path / "o", "--log-with", "tensorboard")) == 2
+    assert "pip install tensorboard" in capsys.readouterr().err
+
+
+def test_resume_runs_an_evaluation_the_killed_run_missed(tiny_llama_dir, heldout_dir, tmp_path):
+    out = tmp_path / "run"
+    metadata = json.dumps({"data_path": str(heldout_dir), "max_docs": 1, "max_doc_tokens": 512, "windows": [1024]})
+    argv = tiny_args(tiny_llama_dir, out, "--max-steps", "2", "--eval-tasks", "local_ppl", "--eval-metadata", metadata)
+    assert main(argv) == 0
+    results = out / "eval" / "results.jsonl"
+    rows = results.read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [0, 2]
+    results.write_text(rows[0] + "\n")  # as if killed between saving checkpoint-2 and evaluating it
+    assert main([*argv, "--resume"]) == 0
+    assert [json.loads(r)["step"] for r in results.read_text().splitlines()] == [0, 2]

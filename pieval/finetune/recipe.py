@@ -64,6 +64,11 @@ def load_model(config: FinetuneConfig):
         hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=remote)
         tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=remote)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(
+                f"--model {config.model!r} runs its own Python code to load; pass --trust-remote-code "
+                "only if you trust that code"
+            ) from None
         raise UserError(f"cannot load --model {config.model!r}: {str(e).splitlines()[0]}") from None
     if config.scaling_factor is None and config.context_length is None and rope.saved_factor(hf_config) == 1.0:
         raise UserError(
@@ -165,9 +170,9 @@ def finetune(config: FinetuneConfig) -> Path:
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     model, tokenizer, spec, save_dtype = load_model(config)
-    L_ = spec.context_length
+    context_length = spec.context_length
     log(
-        f"{config.method}: {config.model} L={spec.base_window} -> L'={L_} (s={spec.factor:g}), "
+        f"{config.method}: {config.model} L={spec.base_window} -> L'={context_length} (s={spec.factor:g}), "
         f"{_count(model)} trainable parameters, {procs} process(es) x {accum} micro-batches of {config.micro_batch}"
     )
 
@@ -192,7 +197,7 @@ def finetune(config: FinetuneConfig) -> Path:
     position = DataPosition.from_dict(state["data_position"]) if state else None
     if accelerator.is_main_process:
         ckpt.rewrite_metrics(output, ckpt.read_metrics(output, step))
-    examples = training_examples(config, tokenizer, L_, position)
+    examples = training_examples(config, tokenizer, context_length, position)
 
     evaluator = None
     if config.eval_tasks:
@@ -210,7 +215,7 @@ def finetune(config: FinetuneConfig) -> Path:
             "step": s, "tokens_seen": tokens_seen, "loss": loss, "lr": lr,
             "data_position": examples.position.to_dict(),
             "rope": {"method": config.method, "factor": spec.factor, "base_window": spec.base_window,
-                     "context_length": L_, "theta": spec.theta},
+                     "context_length": context_length, "theta": spec.theta},
         }  # fmt: skip
         path = ckpt.save_checkpoint(accelerator, model, tokenizer, output, s, settings, trainer_state, save_dtype)
         if accelerator.is_main_process:
@@ -232,7 +237,7 @@ def finetune(config: FinetuneConfig) -> Path:
         for s, path in ckpt.checkpoints(output):
             if s <= step and eval_due(s) and s not in done:
                 evaluate(s, path)
-    if step == 0 and eval_due(0):
+    if step == 0 and eval_due(0) and 0 not in evaluated_steps(output):
         evaluate(0, save(0, None, None))  # the interpolated model before any training (the paper's step 0)
 
     # 4. the loop
@@ -254,23 +259,14 @@ def finetune(config: FinetuneConfig) -> Path:
         # over processes, so each micro-batch's summed NLL is scaled back up by both.
         scale = accum * procs / predicted_tokens(batch)
         lr = scheduler.get_last_lr()[0]
-        nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        model.train()
+        micro_batches = [
+            collate(mine[i : i + config.micro_batch], pad_id) for i in range(0, per_process, config.micro_batch)
+        ]
         try:
-            for i in range(accum):
-                micro = collate(mine[i * config.micro_batch : (i + 1) * config.micro_batch], pad_id)
-                micro = {k: v.to(accelerator.device) for k, v in micro.items()}
-                with accelerator.accumulate(model):
-                    loss_sum = summed_nll(model, micro)
-                    accelerator.backward(loss_sum * scale)
-                nll += loss_sum.detach().double()
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            nll = optimizer_step(accelerator, model, optimizer, micro_batches, scale, config.max_grad_norm)
         except torch.OutOfMemoryError:
             raise UserError(
-                f"out of memory on {accelerator.device} with micro-batches of {config.micro_batch} x {L_} tokens: "
+                f"out of memory on {accelerator.device} with micro-batches of {config.micro_batch} x {context_length} tokens: "
                 "pass --gradient-checkpointing, a smaller --micro-batch (the global batch stays "
                 f"{config.global_batch} through accumulation), or --lora"
             ) from None
@@ -300,6 +296,23 @@ def finetune(config: FinetuneConfig) -> Path:
     if last is not None:
         log(f"done: step {step}, loss {last['loss']:.4f}, final checkpoint {final}")
     return final
+
+
+def optimizer_step(accelerator, model, optimizer, micro_batches: list[dict], scale: float, max_grad_norm: float) -> torch.Tensor:
+    """Accumulate gradients over this process's micro-batches, clip, step; return their summed NLL."""
+    model.train()
+    nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for micro in micro_batches:
+        micro = {k: v.to(accelerator.device) for k, v in micro.items()}
+        with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch only
+            loss_sum = summed_nll(model, micro)
+            accelerator.backward(loss_sum * scale)
+        nll += loss_sum.detach().double()
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return nll
 
 
 def summed_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
