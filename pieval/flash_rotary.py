@@ -74,6 +74,8 @@ class PIRotaryLlamaAttention(modeling_llama.LlamaAttention):
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, heads, head_dim) -> rotated copy (never in place: x may be a view)."""
         batch, seq = x.shape[:2]
+        # made per call on x's device: a tensor made in __init__ would be left on the meta
+        # device by from_pretrained's empty-weights build (only weights get loaded)
         base = rope.inv_freq(self.rope_theta, self.rotary_dim, device=x.device)
         cos, sin = rope.pi_tables(positions.expand(batch, seq), base, self.rope_factor, dtype=x.dtype)
         # each row has its own positions (left padding): give the kernel one table row per
