@@ -326,3 +326,20 @@ def test_resume_runs_an_evaluation_the_killed_run_missed(tiny_llama_dir, heldout
     results.write_text(rows[0] + "\n")  # as if killed between saving checkpoint-2 and evaluating it
     assert main([*argv, "--resume"]) == 0
     assert [json.loads(r)["step"] for r in results.read_text().splitlines()] == [0, 2]
+
+
+def test_two_cpu_processes_train_like_one_and_resume(tiny_llama_dir, reference_curve, tmp_path):
+    """DDP over gloo (torchrun + accelerate): each process takes its slice of the same global batch."""
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pieval"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    for extra in (["--max-steps", "2", "--save-every", "2"], ["--max-steps", "4", "--save-every", "2", "--resume"]):
+        proc = subprocess.run([*launch, *tiny_args(tiny_llama_dir, out, *extra)], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "2 process(es) x 1 micro-batches of 2" in proc.stdout + proc.stderr
+    got, want = curve(out), reference_curve[1][:4]
+    assert [(s, lr) for s, _, lr in got] == [(s, lr) for s, _, lr in want]
+    assert [loss for _, loss, _ in got] == pytest.approx([loss for _, loss, _ in want], rel=1e-6)
+    assert sorted(p.name for p in (out / "checkpoint-000004" / "training_state").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"
+    ]  # fmt: skip

@@ -140,10 +140,12 @@ def training_examples(config: FinetuneConfig, tokenizer, length: int, position: 
 def finetune(config: FinetuneConfig) -> Path:
     """Run (or resume) the recipe; return the final checkpoint directory."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 
     output = Path(config.output).expanduser()
-    procs = PartialState().num_processes
+    # Honour `accelerate launch --cpu` (and ACCELERATE_USE_CPU=1 under torchrun): several CPU processes over gloo.
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    procs = PartialState(cpu=cpu).num_processes
     if config.global_batch % (config.micro_batch * procs):
         raise UserError(
             f"global_batch {config.global_batch} is not a multiple of micro_batch {config.micro_batch} x "
@@ -152,6 +154,7 @@ def finetune(config: FinetuneConfig) -> Path:
     per_process = config.global_batch // procs
     accum = per_process // config.micro_batch
     accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_steps=accum,
         mixed_precision=_mixed_precision(config.precision),
         log_with=_tracker(config.log_with),
