@@ -14,6 +14,7 @@ CUDA extension, which fails on CPU machines.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from contextlib import contextmanager
 from typing import Callable
 
@@ -26,6 +27,7 @@ from pieval.errors import UserError
 
 FLASH_ATTENTION = "flash_attention_2"
 PATTERN = "^LlamaAttention$"
+STOCK_ATTENTION = modeling_llama.LlamaAttention
 # rope types whose tables are "positions / factor times plain RoPE frequencies"
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 
@@ -50,7 +52,7 @@ def fused_kernel() -> Callable:
     return apply_rotary_emb
 
 
-class PIRotaryLlamaAttention(modeling_llama.LlamaAttention):
+class PIRotaryLlamaAttention(STOCK_ATTENTION):
     """LlamaAttention whose rotary is flash-attn's fused kernel on tables at positions m/s.
 
     ``rotary_kernel`` has flash-attn's ``apply_rotary_emb`` signature; None means that
@@ -127,9 +129,11 @@ class PIRotaryLlamaAttention(modeling_llama.LlamaAttention):
 def interpolated_rotary(attention_cls: type[PIRotaryLlamaAttention] = PIRotaryLlamaAttention):
     """LLaMA models built by from_pretrained/from_config inside this block use ``attention_cls``.
 
-    transformers' patching rewrites the class-level ``_can_record_outputs`` of
-    LlamaPreTrainedModel to name the replacement; it is restored on exit (recorders match
-    with isinstance, so the subclass is still recorded as an attention module).
+    Restores what transformers' patching leaves behind: the class-level
+    ``_can_record_outputs`` of LlamaPreTrainedModel, rewritten to name the replacement
+    (recorders match with isinstance, so the subclass is still recorded), and the
+    ``LlamaAttention`` module attributes, which ``apply_patches`` does not put back when a
+    build raises.
     """
     recorders = modeling_llama.LlamaPreTrainedModel._can_record_outputs
     saved = dict(recorders)
@@ -140,3 +144,6 @@ def interpolated_rotary(attention_cls: type[PIRotaryLlamaAttention] = PIRotaryLl
         unregister_patch_mapping([PATTERN])
         recorders.clear()
         recorders.update(saved)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("transformers") and vars(module).get("LlamaAttention") is attention_cls:
+                module.LlamaAttention = STOCK_ATTENTION

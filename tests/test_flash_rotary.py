@@ -115,8 +115,11 @@ def test_patch_is_undone_after_build(tiny_llama_dir):
 def test_unsupported_rope_type_is_refused(tiny_llama_dir):
     config = AutoConfig.from_pretrained(tiny_llama_dir)
     rope.apply(config, rope.resolve(config, scaling_factor=2, rope_method="yarn"))
-    with flash_rotary.interpolated_rotary(TorchRotaryAttention), pytest.raises(UserError, match="'yarn'"):
+    with pytest.raises(UserError, match="'yarn'"), flash_rotary.interpolated_rotary(TorchRotaryAttention):
         LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=config)
+    # the failed build left nothing patched behind
+    assert modeling_llama.LlamaAttention is flash_rotary.STOCK_ATTENTION
+    assert get_patch_mapping() == {}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -147,3 +150,46 @@ def test_fused_kernel_matches_torch_rotary_on_gpu(tiny_llama_dir):
     with torch.no_grad():
         got, want = fused(ids).logits.float(), reference(ids).logits.float()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture
+def flash_as_sdpa(monkeypatch):
+    """PILlama's flash_attention_2 wiring on CPU: availability is faked and the model is built
+    with sdpa (transformers itself refuses flash_attention_2 without flash-attn)."""
+    from lm_eval.models.huggingface import HFLM
+
+    original = HFLM._create_model
+    mappings = []
+
+    def build_with_sdpa(self, pretrained, **kwargs):
+        mappings.append(get_patch_mapping())
+        original(self, pretrained, **{**kwargs, "attn_implementation": "sdpa"})
+
+    monkeypatch.setattr(flash_rotary, "require_available", lambda: None)
+    monkeypatch.setattr(HFLM, "_create_model", build_with_sdpa)
+    return mappings
+
+
+def test_backend_builds_pi_llama_with_the_fused_attention(tiny_llama_dir, flash_as_sdpa):
+    from pieval.backend import PILlama
+
+    lm = PILlama(pretrained=str(tiny_llama_dir), scaling_factor=4, device="cpu", attn_implementation="flash_attention_2")
+    assert flash_as_sdpa == [{flash_rotary.PATTERN: flash_rotary.PIRotaryLlamaAttention}]
+    assert all(type(layer.self_attn) is flash_rotary.PIRotaryLlamaAttention for layer in lm.model.model.layers)
+    assert lm.model.model.layers[0].self_attn.rope_factor == 4.0
+    assert get_patch_mapping() == {} and "flash_attn" not in sys.modules
+
+
+def test_backend_keeps_stock_attention_for_other_rope_methods(tiny_llama_dir, flash_as_sdpa, caplog):
+    from pieval.backend import PILlama
+
+    lm = PILlama(
+        pretrained=str(tiny_llama_dir),
+        scaling_factor=4,
+        rope_method="yarn",
+        device="cpu",
+        attn_implementation="flash_attention_2",
+    )
+    assert flash_as_sdpa == [{}]
+    assert type(lm.model.model.layers[0].self_attn) is modeling_llama.LlamaAttention
+    assert "rotary in transformers' torch code" in caplog.text
