@@ -56,7 +56,7 @@ class PIRotaryLlamaAttention(STOCK_ATTENTION):
     """LlamaAttention whose rotary is flash-attn's fused kernel on tables at positions m/s.
 
     ``rotary_kernel`` has flash-attn's ``apply_rotary_emb`` signature; None means that
-    kernel. Tests on CPU set a torch reference instead.
+    kernel. Tests on CPU subclass with ``rotary_kernel = staticmethod(torch_reference)``.
     """
 
     rotary_kernel: Callable | None = None
