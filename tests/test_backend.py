@@ -161,7 +161,9 @@ def test_overlong_requests_fail_loudly_or_warn_with_counts(tiny_llama_dir, long_
     truncating = load(tiny_llama_dir, truncation=True)
     with caplog.at_level(logging.WARNING, logger="pieval.backend"):
         assert len(truncating.loglikelihood(requests)) == 2
+        assert len(truncating.generate_until(generate)) == 1
     assert "1 of 2 loglikelihood requests exceed max_length=256" in caplog.text
+    assert "1 of 1 generate_until (prompt + max_gen_toks) requests exceed max_length=256" in caplog.text
     assert "left-truncating" in caplog.text
     # the same request fits once the window is extended
     assert len(load(tiny_llama_dir, scaling_factor=4).loglikelihood(requests)) == 2
