@@ -86,6 +86,9 @@ class FinetuneConfig:
     eval_batch_size: int = _opt(1, "lm-eval batch size")
     eval_metadata: dict = _opt({}, 'lm-eval --metadata for the tasks, JSON, e.g. {"data_path": "books/"}')
     eval_include_path: str | None = _opt(None, "extra directory of lm-eval task YAMLs")
+    # Multi-process runs: the other processes wait at a barrier while the main one evaluates, and
+    # torch's default process-group timeout (10 min for NCCL) is shorter than a long-context evaluation.
+    barrier_timeout_min: int = _opt(180, "minutes processes may wait for each other (evaluations included)")
     # --- logging
     log_with: str | None = _opt(None, "also log to tensorboard or wandb (must be installed)")
     progress: bool = _opt(True, "show a progress bar")
@@ -158,7 +161,7 @@ class FinetuneConfig:
             e.append(f"method must be pi or none (got {self.method!r})")
         if self.task not in ("lm", "govreport"):
             e.append(f"task must be lm or govreport (got {self.task!r})")
-        for name in ("max_steps", "global_batch", "micro_batch", "save_every", "shuffle_buffer", "lora_r", "eval_batch_size"):
+        for name in ("max_steps", "global_batch", "micro_batch", "save_every", "shuffle_buffer", "lora_r", "eval_batch_size", "barrier_timeout_min"):
             if getattr(self, name) < 1:
                 e.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.micro_batch >= 1 and self.global_batch % self.micro_batch:
@@ -196,7 +199,7 @@ RUNTIME_FIELDS = frozenset(
     {
         "max_steps", "save_every", "keep_training_state", "resume", "overwrite", "micro_batch",
         "gradient_checkpointing", "attn_implementation", "eval_tasks", "eval_every", "eval_limit",
-        "eval_batch_size", "eval_metadata", "eval_include_path", "log_with", "progress", "output",
+        "eval_batch_size", "eval_metadata", "eval_include_path", "barrier_timeout_min", "log_with", "progress", "output",
     }
 )  # fmt: skip
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -145,7 +146,7 @@ def finetune(config: FinetuneConfig) -> Path:
     output = Path(config.output).expanduser()
     # Honour `accelerate launch --cpu` (and ACCELERATE_USE_CPU=1 under torchrun): several CPU processes over gloo.
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
-    procs = PartialState(cpu=cpu).num_processes
+    procs = PartialState(cpu=cpu, timeout=timedelta(minutes=config.barrier_timeout_min)).num_processes
     if config.global_batch % (config.micro_batch * procs):
         raise UserError(
             f"global_batch {config.global_batch} is not a multiple of micro_batch {config.micro_batch} x "
