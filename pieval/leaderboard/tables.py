@@ -8,10 +8,9 @@ provenance of the cells it shows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import math
 
 import pandas as pd
 
@@ -142,7 +141,8 @@ def collect(files: Iterable[ResultsFile], problems: list[Problem]) -> dict[str, 
         tasks = [(t, kind_of(rf, t)) for t in sorted(rf.data["results"])]
         tasks = [(t, k) for t, k in tasks if k]
         if not tasks:
-            problems.append(Problem(rf.label, f"{rf.label}: none of its tasks ({', '.join(sorted(rf.data['results'])) or 'none'}) is one the leaderboard tabulates"))
+            names = ", ".join(sorted(rf.data["results"])) or "none"
+            problems.append(Problem(rf.label, f"{rf.label}: none of its tasks ({names}) is one the leaderboard tabulates"))
             continue
         gone = provenance.missing(rf)
         if gone:
