@@ -53,8 +53,8 @@ def pi_run(ref_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pi_run") / "run"
     rc = main([
         "finetune", "--model", str(ref_model_dir), "--data", str(CORPUS), "--scaling-factor", "4",
-        "--output", str(out), "--max-steps", "24", "--global-batch", "8", "--micro-batch", "4",
-        "--lr", "5e-4", "--warmup-steps", "2", "--save-every", "12", "--no-progress",
+        "--output", str(out), "--max-steps", "40", "--global-batch", "2", "--micro-batch", "2",
+        "--lr", "3e-4", "--warmup-steps", "5", "--save-every", "20", "--no-progress",
     ])  # fmt: skip
     assert rc == 0
     return out
@@ -87,7 +87,7 @@ print(json.dumps(out))
 
 
 def test_pi_finetune_lowers_loss_at_L_prime_and_loads_in_plain_transformers(pi_run, ref_model_dir, heldout_dir):
-    final = pi_run / "checkpoint-000024"
+    final = pi_run / "checkpoint-000040"
     assert (pi_run / "final").resolve() == final.resolve()
     env = {**ENV, "PIEVAL_LM_EVAL_HOOK": "0"}
     proc = subprocess.run(
@@ -100,17 +100,17 @@ def test_pi_finetune_lowers_loss_at_L_prime_and_loads_in_plain_transformers(pi_r
     assert out["rope"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
     assert out["max_pos"] == 1024
     assert out["inv_freq_max_abs_diff"] == 0.0
-    # 24 steps of 8 x 1024 tokens lower the held-out loss at L' (numbers logged for the record)
+    # 40 steps of 2 x 1024 tokens lower the held-out loss at L' (numbers logged for the record)
     print(out)
-    assert out["loss_finetuned"] < out["loss_untrained"] - 0.05
+    assert out["loss_finetuned"] < out["loss_untrained"] - 0.02
     losses = [loss for _, loss, _ in curve(pi_run)]
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
     saved = json.loads((final / "finetune_config.json").read_text())
-    assert saved["lr"] == 5e-4 and saved["scaling_factor"] == 4.0 and saved["global_batch"] == 8
+    assert saved["lr"] == 3e-4 and saved["scaling_factor"] == 4.0 and saved["global_batch"] == 2
 
 
 def test_stock_lm_eval_cli_scores_the_checkpoint_without_scaling_arguments(pi_run, heldout_dir, tmp_path):
-    final = pi_run / "checkpoint-000024"
+    final = pi_run / "checkpoint-000040"
     metadata = {"data_path": str(heldout_dir), "max_docs": 1, "max_doc_tokens": 2048, "windows": [1024]}
     proc = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "pi_llama", "--model_args", f"pretrained={final}",
