@@ -218,7 +218,9 @@ def test_lora_saves_a_plain_merged_checkpoint(tiny_llama_dir, tmp_path):
 
 def test_direct_finetuning_baseline_keeps_rope_and_sets_the_window(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
-    assert main(tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--method", "none", "--gradient-checkpointing")) == 0
+    argv = tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--method", "none", "--gradient-checkpointing")
+    argv[argv.index("--scaling-factor") : argv.index("--scaling-factor") + 2] = ["--context-length", "1024"]
+    assert main(argv) == 0
     config = json.loads((out / "checkpoint-000001" / "config.json").read_text())
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
     assert config["max_position_embeddings"] == 1024
@@ -244,6 +246,10 @@ def test_scaling_factor_below_one(tiny_llama_dir, tmp_path, capsys):
     assert main(tiny_args(tiny_llama_dir, tmp_path / "o", "--scaling-factor", "0.5")) == 2
     assert "scaling_factor must be >= 1 (got 0.5)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    argv = tiny_args(tiny_llama_dir, tmp_path / "o")
+    del argv[argv.index("--scaling-factor") : argv.index("--scaling-factor") + 2]
+    assert main(argv) == 2
+    assert "is not extended yet: pass --scaling-factor S or --context-length L' (its trained window is L = 256)" in capsys.readouterr().err
 
 
 def test_non_rope_model(tmp_path, ref_model_dir, capsys):
@@ -343,3 +349,11 @@ def test_two_cpu_processes_train_like_one_and_resume(tiny_llama_dir, reference_c
     assert sorted(p.name for p in (out / "checkpoint-000004" / "training_state").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"
     ]  # fmt: skip
+
+
+def test_default_data_is_the_pile_from_the_hub(tiny_llama_dir, tmp_path, capsys):
+    argv = tiny_args(tiny_llama_dir, tmp_path / "o", "--max-steps", "1")
+    del argv[argv.index("--data") : argv.index("--data") + 2]
+    assert main(argv) == 2  # offline here: the message says what was tried and how to pass local data
+    err = capsys.readouterr().err
+    assert "cannot load hub dataset 'monology/pile-uncopyrighted' (split 'train')" in err and "--data PATH" in err
