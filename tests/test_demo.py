@@ -1,0 +1,45 @@
+"""The quick demo (`python -m pieval.demo --quick`) runs every step of the paper's loop.
+
+Checks that each step left its files and that the printed PASS/FAIL verdicts are the ones
+`claims.check` computes from the written leaderboard CSVs (not asserted by the demo).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HELDOUT, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_demo_produces_every_step(tiny_llama_dir, tmp_path):
+    work, boards = tmp_path / "work", tmp_path / "boards"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pieval.demo", "--quick", "--model", str(tiny_llama_dir),
+         "--heldout", str(HELDOUT), "--work", str(work), "--leaderboards", str(boards)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    assert list((work / "base").rglob("results_*.json")), "base model evaluation"
+    assert list((work / "base").rglob("samples_passkey_*.jsonl")), "passkey samples for the heat map"
+    for method in ("pi", "none"):
+        run = work / f"finetune_{method}"
+        assert (run / "final" / "config.json").is_file(), f"{method} fine-tune checkpoint"
+        assert (run / "eval" / "results.jsonl").is_file(), f"{method} evaluation while training"
+    for name in ("ppl_local.csv", "passkey.csv", "ppl_vs_steps.csv"):
+        assert (boards / name).stat().st_size > 0, name
+    assert list((boards / "plots").glob("*.png")) and list((boards / "plots").glob("*.svg"))
+
+    from pieval.leaderboard import claims
+
+    verdicts = claims.check(boards, L=256, L_prime=512, dataset="local")
+    printed = proc.stdout.split("the paper's claims", 1)[1]
+    for v in verdicts:
+        assert str(v) in printed
+    assert {v.number for v in verdicts} == {"1", "2", "3a", "3b", "4", "5"}
+    assert all(v.status in ("PASS", "FAIL") for v in verdicts), "every claim measured"
