@@ -63,7 +63,12 @@ def prepare_run_dir(output: Path, identity: dict, settings: dict, resume: bool, 
     run_file = output / RUN_FILE
     if output.exists() and not output.is_dir():
         raise RunDirError(f"--output {output} is a file; pass a directory")
-    existing = json.loads(run_file.read_text()) if run_file.is_file() else None
+    try:
+        existing = json.loads(run_file.read_text()) if run_file.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        if not overwrite:
+            raise RunDirError(f"{run_file} is unreadable; pass --overwrite to start the run in {output} again") from None
+        existing = None
     if overwrite:
         _clear_run(output)
     elif existing is not None and existing.get("identity") != identity:

@@ -95,7 +95,7 @@ def load_model(config: FinetuneConfig):
     if config.method == "pi":
         rope.verify(model, spec)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
