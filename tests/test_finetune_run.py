@@ -334,12 +334,17 @@ def test_resume_runs_an_evaluation_the_killed_run_missed(tiny_llama_dir, heldout
     assert [json.loads(r)["step"] for r in results.read_text().splitlines()] == [0, 2]
 
 
-def test_two_cpu_processes_train_like_one_and_resume(tiny_llama_dir, reference_curve, tmp_path):
-    """DDP over gloo (torchrun + accelerate): each process takes its slice of the same global batch."""
+def test_two_cpu_processes_train_and_evaluate_like_one_and_resume(tiny_llama_dir, heldout_dir, reference_curve, tmp_path):
+    """DDP over gloo (torchrun + accelerate): each process takes its slice of the same global batch,
+    and lm-eval shards the evaluation requests over both."""
+    from pieval.finetune.evaluate import Evaluator
+
     out = tmp_path / "run"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pieval"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
-    for extra in (["--max-steps", "2", "--save-every", "2"], ["--max-steps", "4", "--save-every", "2", "--resume"]):
+    metadata = {"data_path": str(heldout_dir), "max_docs": 2, "max_doc_tokens": 1024, "windows": [1024]}
+    evaluate = ["--eval-tasks", "local_ppl", "--eval-metadata", json.dumps(metadata)]
+    for extra in (["--max-steps", "2", "--save-every", "2", *evaluate], ["--max-steps", "4", "--save-every", "2", "--resume"]):
         proc = subprocess.run([*launch, *tiny_args(tiny_llama_dir, out, *extra)], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "2 process(es) x 1 micro-batches of 2" in proc.stdout + proc.stderr
@@ -349,6 +354,12 @@ def test_two_cpu_processes_train_like_one_and_resume(tiny_llama_dir, reference_c
     assert sorted(p.name for p in (out / "checkpoint-000004" / "training_state").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"
     ]  # fmt: skip
+    rows = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2]  # the first leg's start and end
+    row = rows[0]
+    assert row["metrics"]["local_ppl"]["scored_tokens_1024"] == 2048  # both documents
+    single = Evaluator(tmp_path / "single", ["local_ppl"], "cpu", metadata=metadata).evaluate(out / "checkpoint-000000", 0, 0)
+    assert row["metrics"]["local_ppl"]["token_ppl_1024"] == pytest.approx(single["metrics"]["local_ppl"]["token_ppl_1024"], rel=1e-6)
 
 
 def test_default_data_is_the_pile_from_the_hub(tiny_llama_dir, tmp_path, capsys):

@@ -227,8 +227,10 @@ def finetune(config: FinetuneConfig) -> Path:
         return path
 
     def evaluate(s: int, path: Path) -> None:
+        # Every process takes part: with several, lm-eval's HFLM shards the requests over them (data
+        # parallel) and gathers the results on the main process, which alone writes them.
+        row = evaluator.evaluate(path, s, tokens_seen)
         if accelerator.is_main_process:
-            row = evaluator.evaluate(path, s, tokens_seen)
             shown = "; ".join(
                 f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()) for t, m in row.get("metrics", {}).items()
             )
