@@ -85,7 +85,7 @@ def test_all_invalid_settings_reported_at_once():
     msg = str(e.value)
     assert "scaling_factor must be >= 1 (got 0.5)" in msg
     assert "multiple of micro_batch" in msg and "--micro-batch 1" in msg
-    assert "method must be pi or none" in msg and "lr must be a positive number" in msg
+    assert "method must be one of pi, none (got 'ntk')" in msg and "lr must be a positive number" in msg
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
             # Values stay strings here; FinetuneConfig.build coerces them with the file's values.
-            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(hints[f.name]), help=help_)
+            metavar = "{" + ",".join(f.metadata["choices"]) + "}" if "choices" in f.metadata else _metavar(hints[f.name])
+            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=help_)
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:

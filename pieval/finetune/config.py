@@ -42,8 +42,8 @@ class FinetuneConfig:
     model: str | None = _opt(None, "base checkpoint: a local HF directory or a hub id (required)")
     scaling_factor: float | None = _opt(None, "s = L'/L, relative to the checkpoint's trained window L")
     context_length: int | None = _opt(None, "target window L' (alternative to --scaling-factor)")
-    method: str = _opt("pi", "pi: Position Interpolation; none: the paper's direct fine-tuning baseline (train at L', rope unchanged)")
-    task: str = _opt("lm", "lm: next-token loss on packed documents; govreport: PI prompt + summary, loss on the summary only")
+    method: str = _opt("pi", "pi: Position Interpolation; none: the paper's direct fine-tuning baseline (train at L', rope unchanged)", choices=("pi", "none"))
+    task: str = _opt("lm", "lm: next-token loss on packed documents; govreport: PI prompt + summary, loss on the summary only", choices=("lm", "govreport"))
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you pass it)")
     # --- data
     data: str | None = _opt(None, f"local .txt/.jsonl/.parquet (.gz), directory of .txt, or a hub dataset id (default {DEFAULT_HUB_DATA}); for --task govreport a jsonl with document/summary fields (default: SCROLLS gov_report)")
@@ -64,7 +64,7 @@ class FinetuneConfig:
     # The paper does not state clipping; 1.0 is LLaMA's pre-training value. 0 disables it.
     max_grad_norm: float = _opt(1.0, "gradient-norm clipping (0 = off)")
     seed: int = _opt(0, "seed for data order and initialisation of anything random (LoRA)")
-    precision: str = _opt("auto", "auto (bf16 where the GPU has it, fp32 on CPU), bf16, fp16 or fp32")
+    precision: str = _opt("auto", "auto (bf16 where the GPU has it, fp32 on CPU), bf16, fp16 or fp32", choices=("auto", "bf16", "fp16", "fp32"))
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
     attn_implementation: str | None = _opt(None, "transformers attention kernel, e.g. sdpa or flash_attention_2")
     # --- LoRA (peft); the merged model is what gets saved
@@ -90,7 +90,7 @@ class FinetuneConfig:
     # torch's default process-group timeout (10 min for NCCL) is shorter than a long-context evaluation.
     barrier_timeout_min: int = _opt(180, "minutes processes may wait for each other (evaluations included)")
     # --- logging
-    log_with: str | None = _opt(None, "also log to tensorboard or wandb (must be installed)")
+    log_with: str | None = _opt(None, "also log to tensorboard or wandb (must be installed)", choices=("tensorboard", "wandb"))
     progress: bool = _opt(True, "show a progress bar")
 
     # ------------------------------------------------------------------ loading
@@ -147,6 +147,10 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         e = []
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                e.append(f"{f.name} must be one of {', '.join(choices)} (got {value!r})")
         if not self.model:
             e.append("model is required: --model PATH_OR_HUB_ID")
         if not self.output:
@@ -157,10 +161,6 @@ class FinetuneConfig:
             e.append(f"scaling_factor must be >= 1 (got {self.scaling_factor}): PI compresses positions into the trained window; s = L'/L")
         if self.context_length is not None and self.context_length < 1:
             e.append(f"context_length must be a positive number of tokens (got {self.context_length})")
-        if self.method not in ("pi", "none"):
-            e.append(f"method must be pi or none (got {self.method!r})")
-        if self.task not in ("lm", "govreport"):
-            e.append(f"task must be lm or govreport (got {self.task!r})")
         for name in ("max_steps", "global_batch", "micro_batch", "save_every", "shuffle_buffer", "lora_r", "eval_batch_size", "barrier_timeout_min"):
             if getattr(self, name) < 1:
                 e.append(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -179,14 +179,10 @@ class FinetuneConfig:
             e.append(f"betas must be two numbers in [0, 1), e.g. 0.9,0.95 (got {self.betas})")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or self.keep_training_state < 0 or self.lora_dropout < 0:
             e.append("weight_decay, max_grad_norm, keep_training_state and lora_dropout must be >= 0")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            e.append(f"precision must be auto, bf16, fp16 or fp32 (got {self.precision!r})")
         if self.eval_every is not None and self.eval_every < 1:
             e.append(f"eval_every must be >= 1 (got {self.eval_every})")
         if self.eval_every is not None and not self.eval_tasks:
             e.append("eval_every needs --eval-tasks (e.g. --eval-tasks passkey,pg19_ppl)")
-        if self.log_with not in (None, "tensorboard", "wandb"):
-            e.append(f"log_with must be tensorboard or wandb (got {self.log_with!r})")
         if self.resume and self.overwrite:
             e.append("pass --resume (continue the run in --output) or --overwrite (start it again), not both")
         if e:
