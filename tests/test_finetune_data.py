@@ -149,3 +149,24 @@ def test_govreport_example_masks_exactly_the_prompt(ref_model_dir):
     assert "Now summarize the above article.\nSummary:" in tok.decode(
         [t for t, lab in zip(long.input_ids, long.labels) if lab == IGNORE_INDEX]
     )
+
+
+def test_supervised_examples_resume_across_epochs():
+    from pieval.finetune.data import SupervisedExamples, supervised_example
+
+    docs = corpus(5)
+
+    def make(doc):
+        return supervised_example(encode(doc.text[:3]), encode(doc.text[3:]), EOS)
+
+    def examples(position=None):
+        return SupervisedExamples(lambda: iter(docs), make, 3, 2, position)
+
+    reference = [e.input_ids for e, _ in zip(examples(), range(13))]
+    s = examples()
+    for k in range(13):
+        restored = DataPosition.from_dict(s.position.to_dict())
+        assert [e.input_ids for e, _ in zip(examples(restored), range(13 - k))] == reference[k:], k
+        next(s)
+    # each epoch holds every document once
+    assert sorted(map(tuple, reference[:5])) == sorted(tuple(make(d).input_ids) for d in docs)

@@ -186,7 +186,7 @@ class SupervisedExamples:
 
     @property
     def position(self) -> DataPosition:
-        return DataPosition(self._epochs.epoch, self._epochs.docs, [])
+        return DataPosition(self._epochs.epoch, self._epochs.docs)
 
     def __iter__(self) -> Iterator[Example]:
         return self
