@@ -236,7 +236,10 @@ def test_govreport_mode_trains_on_prompt_and_summary(tiny_llama_dir, tmp_path):
     argv[argv.index("--data") + 1] = str(docs)
     assert main(argv) == 0
     state = json.loads((out / "checkpoint-000002" / "trainer_state.json").read_text())
-    assert state["data_position"]["epoch"] == 2 and state["data_position"]["docs"] == 2  # 8 examples of 3 documents
+    assert state["data_position"] == {"epoch": 2, "docs": 2, "offset": 0}  # 8 examples of 3 documents
+    assert main([*argv, "--max-steps", "3", "--resume"]) == 0  # the later --max-steps wins
+    state = json.loads((out / "checkpoint-000003" / "trainer_state.json").read_text())
+    assert state["data_position"] == {"epoch": 3, "docs": 3, "offset": 0} and state["tokens_seen"] > 0  # 12 = 4 x 3
 
 
 # ---------------------------------------------------------------- bad input
