@@ -301,6 +301,8 @@ def finetune(config: FinetuneConfig) -> Path:
     final = ckpt.checkpoint_dir(output, step)
     if last is not None:
         log(f"done: step {step}, loss {last['loss']:.4f}, final checkpoint {final}")
+    if evaluator is not None:
+        log(f"metrics per step: {output / 'eval' / 'table.csv'}")
     return final
 
 
