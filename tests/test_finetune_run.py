@@ -109,6 +109,7 @@ def test_pi_finetune_lowers_loss_at_L_prime_and_loads_in_plain_transformers(pi_r
     assert saved["lr"] == 3e-4 and saved["scaling_factor"] == 4.0 and saved["global_batch"] == 2
 
 
+@pytest.mark.slow
 def test_stock_lm_eval_cli_scores_the_checkpoint_without_scaling_arguments(pi_run, heldout_dir, tmp_path):
     final = pi_run / "checkpoint-000040"
     metadata = {"data_path": str(heldout_dir), "max_docs": 1, "max_doc_tokens": 2048, "windows": [1024]}
@@ -136,6 +137,7 @@ def reference_curve(tiny_llama_dir, tmp_path_factory) -> tuple[Path, list]:
     return out, curve(out)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_loss_curve_exactly(tiny_llama_dir, reference_curve, tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "pieval", *tiny_args(tiny_llama_dir, out, "--max-steps", "12")]
@@ -337,6 +339,7 @@ def test_resume_runs_an_evaluation_the_killed_run_missed(tiny_llama_dir, heldout
     assert [json.loads(r)["step"] for r in results.read_text().splitlines()] == [0, 2]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_and_evaluate_like_one_and_resume(tiny_llama_dir, heldout_dir, reference_curve, tmp_path):
     """DDP over gloo (torchrun + accelerate): each process takes its slice of the same global batch,
     and lm-eval shards the evaluation requests over both."""
