@@ -1,0 +1,197 @@
+"""Sliding-window perplexity: peak memory and time of pieval vs the naive full-logit loss vs the floor.
+
+Three ways to score the same token stream with the same strided window plan
+(``pieval.perplexity.plan_windows``: BOS + up to W-1 tokens, a window every S tokens, each
+window scoring only the tokens the previous one did not):
+
+- pieval: ``pieval.perplexity.score_documents``, the function ``pi_llama`` serves
+  ``loglikelihood_sliding`` with (only the scored tail goes through the output head, in chunks);
+- naive: ``model(ids, labels=...)`` with the unscored prefix labelled -100, as yarn's
+  ``eval/perplexity.py`` and the Hugging Face perplexity guide do: full W x vocabulary logits;
+- floor: the bare decoder ``model.model(ids)`` without the output head, over the same windows. It
+  computes no loss in the measured region (keeping even the scored hidden states would add to its
+  peak); a second, unmeasured pass of the same loop puts its hidden states through the head, which
+  checks that it ran the very same windows.
+
+Each (variant, W) runs in a fresh worker process that builds the same random LLaMA-shaped model
+(vocabulary 32000, few narrow layers), then measures the peak memory above the loaded model and
+the wall time of scoring the whole stream. Usage:
+
+    python benchmarks/perplexity_memory.py            # W = 1024..8192, stride 256
+    python benchmarks/perplexity_memory.py --quick    # W = 512, 1024 (< 2 minutes on 2 cores)
+    python benchmarks/perplexity_memory.py --device cuda
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import _common as c
+
+VARIANTS = ("pieval", "naive", "floor")
+# Targets from issue 7, evaluated at the largest window run.
+TARGET_MEMORY_RATIO = 8.0  # naive / pieval
+TARGET_TIME_RATIO = 1.05  # pieval / floor
+# Same-perplexity tolerance (relative): fp32 differs only by summation order.
+PPL_RTOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+
+
+def main() -> int:
+    p = c.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--windows", type=int, nargs="+", help="W values (default 1024 2048 4096 8192; quick: 512 1024)")
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--tokens", type=int, help="length of the token stream (default: max W + 16 strides; quick: + 4)")
+    p.add_argument("--head-chunk", type=int, help="pieval's output-head rows per chunk (default: pieval's own)")
+    p.add_argument("--seed", type=int, default=0)
+    for field, default in vars(c.Shape()).items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=default, help="model shape")
+    args = p.parse_args()
+    if args.worker:
+        c.report(worker(json.loads(args.worker)))
+        return 0
+
+    windows = args.windows or ([512, 1024] if args.quick else [1024, 2048, 4096, 8192])
+    tokens = args.tokens or max(windows) + (4 if args.quick else 16) * args.stride
+    dtype = c.resolve_dtype(args.dtype, args.device)
+    shape = c.Shape(**{f: getattr(args, f) for f in vars(c.Shape())} | {"max_positions": max(max(windows), args.max_positions)})
+    c.check_device(args.device)
+    print(c.machine(args.device))
+    print(
+        f"model: random LLaMA, vocab {shape.vocab}, {shape.layers} layers, hidden {shape.hidden}, "
+        f"intermediate {shape.intermediate}, {shape.heads} heads, {dtype}; stream {tokens} tokens, stride {args.stride}"
+    )
+
+    results: dict[tuple[str, int], dict] = {}
+    for w in windows:
+        for variant in VARIANTS:
+            spec = {"variant": variant, "window": w, "stride": args.stride, "tokens": tokens, "seed": args.seed,
+                    "device": args.device, "dtype": dtype, "shape": vars(shape), "head_chunk": args.head_chunk}  # fmt: skip
+            r = results[variant, w] = c.run_worker(__file__, spec)
+            print(f"  W={w:5d} {variant:6s} {r['windows']} windows  peak {r['peak_mb']:8.1f} MiB  {r['seconds']:7.2f} s  ppl {r['ppl']:.6g}", flush=True)
+    print(f"memory: {results['pieval', windows[0]]['memory_method']}, above the loaded model "
+          f"({results['pieval', windows[0]]['model_mb']:.0f} MiB of weights)")
+    return summarize(results, windows, dtype)
+
+
+def summarize(results: dict, windows: list[int], dtype: str) -> int:
+    rows = []
+    worst_ppl = 0.0
+    for w in windows:
+        m = {v: results[v, w]["peak_mb"] for v in VARIANTS}
+        t = {v: results[v, w]["seconds"] for v in VARIANTS}
+        ppl = {v: results[v, w]["ppl"] for v in VARIANTS}
+        diff = max(abs(ppl["naive"] - ppl["pieval"]), abs(ppl["floor"] - ppl["pieval"])) / ppl["pieval"]
+        worst_ppl = max(worst_ppl, diff)
+        rows.append([w, results["pieval", w]["windows"], m["naive"], m["pieval"], m["floor"], m["naive"] / m["pieval"],
+                     m["pieval"] / m["floor"], t["naive"], t["pieval"], t["floor"], t["naive"] / t["pieval"],
+                     t["pieval"] / t["floor"], ppl["pieval"], f"{diff:.1e}"])  # fmt: skip
+    print()
+    print(c.table(
+        ["W", "windows", "naive MiB", "pieval MiB", "floor MiB", "mem naive/pieval", "mem pieval/floor",
+         "naive s", "pieval s", "floor s", "time naive/pieval", "time pieval/floor", "ppl", "ppl rel diff"],
+        rows,
+    ))  # fmt: skip
+    print()
+
+    top = windows[-1]
+    mem_ratio = results["naive", top]["peak_mb"] / results["pieval", top]["peak_mb"]
+    time_ratio = results["pieval", top]["seconds"] / results["floor", top]["seconds"]
+    print(f"RATIO memory naive/pieval at W={top}: {mem_ratio:.2f}x "
+          f"(target >= {TARGET_MEMORY_RATIO:g}x at W=8192: {c.verdict(mem_ratio >= TARGET_MEMORY_RATIO)})")
+    print(f"RATIO time pieval/floor at W={top}: {time_ratio:.3f} "
+          f"(target <= {TARGET_TIME_RATIO}: {c.verdict(time_ratio <= TARGET_TIME_RATIO)})")
+    print(f"RATIO time naive/pieval at W={top}: "
+          f"{results['naive', top]['seconds'] / results['pieval', top]['seconds']:.2f}x")
+    vocab = results["pieval", top]["vocab"]
+    if len(windows) >= 2:
+        for v in VARIANTS:
+            slope, worst = linear_fit(windows, [results[v, w]["peak_mb"] for w in windows])
+            kib = slope * 1024
+            print(f"LINEAR memory {v}: {kib:.1f} KiB per window token (W x vocab fp32 would be "
+                  f"{4 * vocab / 1024:.0f} KiB), worst deviation from a line {worst:.1%}")
+    rtol = PPL_RTOL[dtype]
+    ok = worst_ppl <= rtol
+    print(f"SAME-PPL pieval vs naive vs floor: max relative difference {worst_ppl:.2e} (tolerance {rtol:g}): "
+          f"{'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def linear_fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope, and the largest |residual| relative to the value."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    worst = max(abs(y - (my + slope * (x - mx))) / abs(y) for x, y in zip(xs, ys))
+    return slope, worst
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from pieval.perplexity import HEAD_CHUNK_TOKENS, plan_windows, score_documents
+
+    device, window, stride = spec["device"], spec["window"], spec["stride"]
+    shape = c.Shape(**spec["shape"])
+    model = c.random_model(shape, spec["seed"], device, spec["dtype"])
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    bos = 1
+    doc = torch.randint(3, shape.vocab, (spec["tokens"],), generator=gen).tolist()
+    spans = plan_windows(len(doc), window, stride)
+
+    def ids_of(span):
+        return torch.tensor([[bos, *doc[span.start : span.end]]], device=device)
+
+    def floor(span, nll_sum: bool):
+        ids = ids_of(span)
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        if not nll_sum:
+            return 0.0
+        logits = model.lm_head(hidden[:, -span.scored - 1 : -1]).float()
+        return F.cross_entropy(logits.flatten(0, 1), ids[0, -span.scored :], reduction="sum").double().item()
+
+    probe = c.MemoryProbe(device)
+    nll, scored_total = 0.0, 0
+    probe.start()
+    with torch.inference_mode(), c.Stopwatch(device) as clock:
+        if spec["variant"] == "pieval":
+            (stats,) = score_documents(model, [doc], window, stride, bos,
+                                       head_chunk_tokens=spec["head_chunk"] or HEAD_CHUNK_TOKENS)  # fmt: skip
+            nll, scored_total = stats.nll, stats.tokens
+        elif spec["variant"] == "naive":
+            for span in spans:
+                ids = ids_of(span)
+                labels = ids.clone()
+                labels[:, : -span.scored] = -100  # yarn / HF guide: score only the new tokens
+                loss = model(input_ids=ids, labels=labels, use_cache=False).loss  # mean over scored tokens
+                nll += loss.double().item() * span.scored
+                scored_total += span.scored
+        else:
+            for span in spans:
+                floor(span, nll_sum=False)
+    peak = probe.peak_mb()
+    if spec["variant"] == "floor":  # the unmeasured second pass
+        with torch.inference_mode():
+            nll = math.fsum(floor(span, nll_sum=True) for span in spans)
+        scored_total = sum(span.scored for span in spans)
+    if scored_total != len(doc):
+        raise RuntimeError(f"{spec['variant']} scored {scored_total} tokens of a {len(doc)}-token stream")
+    return {
+        "peak_mb": peak,
+        "seconds": clock.seconds,
+        "ppl": math.exp(nll / scored_total),
+        "windows": len(spans),
+        "memory_method": probe.method,
+        "model_mb": model_mb,
+        "vocab": shape.vocab,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
