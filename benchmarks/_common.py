@@ -161,7 +161,7 @@ def save_reference_standin(out: Path) -> Path:
 class MemoryProbe:
     """Peak memory of what runs after ``start()``, in MiB, above what was allocated before.
 
-    CPU: the RSS high-water mark. tracemalloc cannot be used: torch allocates tensors outside
+    CPU: the RSS high-water mark (of live tensors with ``LIVE_MEMORY_ENV``). tracemalloc cannot be used: torch allocates tensors outside
     Python's allocator, so tracemalloc reports ~0 for a 400 MB tensor (checked). Writing "5" to
     /proc/self/clear_refs resets the high-water mark (Linux >= 4.0), so a worker can first load
     its model and then measure only the work; where that is refused the worker's whole-process
@@ -241,10 +241,22 @@ class Stopwatch:
 # --------------------------------------------------------------------------- worker processes
 
 
-def run_worker(script: str, spec: dict, timeout: float | None = None) -> dict:
-    """Run ``script --worker SPEC`` in a fresh interpreter and return the dict it reports."""
+# glibc keeps freed blocks below its (self-raising) mmap threshold mapped, and how much of that it
+# keeps varies between identical runs (we saw 44-87 MiB for the same pieval run). Mapping every
+# block over 64 KiB and returning it on free makes the CPU high-water mark that of live tensors,
+# the quantity torch.cuda.max_memory_allocated reports on a GPU; repeated runs then agree to
+# ~0.1 MiB. It costs page faults on every allocation, so timings are taken in runs without it.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def run_worker(script: str, spec: dict, timeout: float | None = None, live_memory: bool = False) -> dict:
+    """Run ``script --worker SPEC`` in a fresh interpreter and return the dict it reports.
+
+    ``live_memory``: run it under ``LIVE_MEMORY_ENV`` (for memory measurements on the CPU).
+    """
     cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, **LIVE_MEMORY_ENV} if live_memory else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])

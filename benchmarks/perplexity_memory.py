@@ -14,11 +14,13 @@ window scoring only the tokens the previous one did not):
   checks that it ran the very same windows.
 
 Each (variant, W) runs in a fresh worker process that builds the same random LLaMA-shaped model
-(vocabulary 32000, few narrow layers), then measures the peak memory above the loaded model and
-the wall time of scoring the whole stream. Usage:
+(vocabulary 32000, few narrow layers), runs the variant once on a few 64-token windows (so that
+library code paged in by the first call of each kernel does not count), then measures the peak
+memory above that state (in one worker, with glibc returning freed blocks: live tensors only)
+and the wall time of scoring the whole stream (in another, with the default allocator). Usage:
 
     python benchmarks/perplexity_memory.py            # W = 1024..8192, stride 256
-    python benchmarks/perplexity_memory.py --quick    # W = 512, 1024 (< 2 minutes on 2 cores)
+    python benchmarks/perplexity_memory.py --quick    # W = 256, 512, stride 128 (< 2 minutes on 2 cores)
     python benchmarks/perplexity_memory.py --device cuda
 """
 
@@ -40,8 +42,8 @@ PPL_RTOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 def main() -> int:
     p = c.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--windows", type=int, nargs="+", help="W values (default 1024 2048 4096 8192; quick: 512 1024)")
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--windows", type=int, nargs="+", help="W values (default 1024 2048 4096 8192; quick: 256 512)")
+    p.add_argument("--stride", type=int, help="S (default 256; quick 128)")
     p.add_argument("--tokens", type=int, help="length of the token stream (default: max W + 16 strides; quick: + 4)")
     p.add_argument("--head-chunk", type=int, help="pieval's output-head rows per chunk (default: pieval's own)")
     p.add_argument("--seed", type=int, default=0)
@@ -52,7 +54,8 @@ def main() -> int:
         c.report(worker(json.loads(args.worker)))
         return 0
 
-    windows = args.windows or ([512, 1024] if args.quick else [1024, 2048, 4096, 8192])
+    windows = args.windows or ([256, 512] if args.quick else [1024, 2048, 4096, 8192])
+    args.stride = args.stride or (128 if args.quick else 256)
     tokens = args.tokens or max(windows) + (4 if args.quick else 16) * args.stride
     dtype = c.resolve_dtype(args.dtype, args.device)
     shape = c.Shape(**{f: getattr(args, f) for f in vars(c.Shape())} | {"max_positions": max(max(windows), args.max_positions)})
@@ -68,7 +71,13 @@ def main() -> int:
         for variant in VARIANTS:
             spec = {"variant": variant, "window": w, "stride": args.stride, "tokens": tokens, "seed": args.seed,
                     "device": args.device, "dtype": dtype, "shape": vars(shape), "head_chunk": args.head_chunk}  # fmt: skip
-            r = results[variant, w] = c.run_worker(__file__, spec)
+            # memory and time in separate fresh workers: the allocator setting that makes the CPU
+            # peak exact slows allocation-heavy code (see _common.LIVE_MEMORY_ENV)
+            r = results[variant, w] = c.run_worker(__file__, spec, live_memory=True)
+            timed = c.run_worker(__file__, spec)
+            if timed["ppl"] != r["ppl"]:
+                raise RuntimeError(f"{variant} at W={w}: ppl {timed['ppl']} in the timed run, {r['ppl']} in the memory run")
+            r["seconds"] = timed["seconds"]
             print(f"  W={w:5d} {variant:6s} {r['windows']} windows  peak {r['peak_mb']:8.1f} MiB  {r['seconds']:7.2f} s  ppl {r['ppl']:.6g}", flush=True)
     print(f"memory: {results['pieval', windows[0]]['memory_method']}, above the loaded model "
           f"({results['pieval', windows[0]]['model_mb']:.0f} MiB of weights)")
@@ -144,42 +153,47 @@ def worker(spec: dict) -> dict:
     bos = 1
     doc = torch.randint(3, shape.vocab, (spec["tokens"],), generator=gen).tolist()
     spans = plan_windows(len(doc), window, stride)
+    chunk = spec["head_chunk"] or HEAD_CHUNK_TOKENS
 
-    def ids_of(span):
-        return torch.tensor([[bos, *doc[span.start : span.end]]], device=device)
+    def windows_of(tokens, w, s):
+        for span in plan_windows(len(tokens), w, s):
+            yield span, torch.tensor([[bos, *tokens[span.start : span.end]]], device=device)
 
-    def floor(span, nll_sum: bool):
-        ids = ids_of(span)
+    def floor_nll(span, ids) -> float:
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        if not nll_sum:
-            return 0.0
         logits = model.lm_head(hidden[:, -span.scored - 1 : -1]).float()
         return F.cross_entropy(logits.flatten(0, 1), ids[0, -span.scored :], reduction="sum").double().item()
 
-    probe = c.MemoryProbe(device)
-    nll, scored_total = 0.0, 0
-    probe.start()
-    with torch.inference_mode(), c.Stopwatch(device) as clock:
+    def run(tokens, w, s) -> tuple[float, int]:
+        """(summed NLL, scored tokens) of the variant; the floor reports (0, 0)."""
         if spec["variant"] == "pieval":
-            (stats,) = score_documents(model, [doc], window, stride, bos,
-                                       head_chunk_tokens=spec["head_chunk"] or HEAD_CHUNK_TOKENS)  # fmt: skip
-            nll, scored_total = stats.nll, stats.tokens
-        elif spec["variant"] == "naive":
-            for span in spans:
-                ids = ids_of(span)
+            (stats,) = score_documents(model, [tokens], w, s, bos, head_chunk_tokens=chunk)
+            return stats.nll, stats.tokens
+        if spec["variant"] == "naive":
+            nll, scored = 0.0, 0
+            for span, ids in windows_of(tokens, w, s):
                 labels = ids.clone()
                 labels[:, : -span.scored] = -100  # yarn / HF guide: score only the new tokens
                 loss = model(input_ids=ids, labels=labels, use_cache=False).loss  # mean over scored tokens
                 nll += loss.double().item() * span.scored
-                scored_total += span.scored
-        else:
-            for span in spans:
-                floor(span, nll_sum=False)
-    peak = probe.peak_mb()
-    if spec["variant"] == "floor":  # the unmeasured second pass
-        with torch.inference_mode():
-            nll = math.fsum(floor(span, nll_sum=True) for span in spans)
-        scored_total = sum(span.scored for span in spans)
+                scored += span.scored
+            return nll, scored
+        for _, ids in windows_of(tokens, w, s):
+            model.model(input_ids=ids, use_cache=False)
+        return 0.0, 0
+
+    probe = c.MemoryProbe(device)
+    with torch.inference_mode():
+        # Warm-up on a few short windows: the first call of each kernel pages in library code,
+        # which counts in RSS but is not memory the scoring needs.
+        run(doc[:256], 64, 32)
+        probe.start()
+        with c.Stopwatch(device) as clock:
+            nll, scored_total = run(doc, window, stride)
+        peak = probe.peak_mb()
+        if spec["variant"] == "floor":  # the unmeasured second pass
+            nll = math.fsum(floor_nll(span, ids) for span, ids in windows_of(doc, window, stride))
+            scored_total = sum(span.scored for span in spans)
     if scored_total != len(doc):
         raise RuntimeError(f"{spec['variant']} scored {scored_total} tokens of a {len(doc)}-token stream")
     return {

@@ -1,0 +1,71 @@
+"""The benchmark scripts keep running: each ``--quick`` mode exits 0 and prints its ratio lines.
+
+A benchmark is not a test (its numbers depend on the machine); what is checked here is that the
+scripts still run against the current package and that their built-in correctness checks pass:
+pieval's perplexity equals the naive full-logit loss's (and the floor's) to 1e-5, batching does
+not change it, batched passkey generation gives the same answers, and pieval's first training
+step has the Trainer's loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+NUMBER = r"([0-9.eE+-]+)"
+
+# script -> (ratio lines that must appear, the correctness line that must say ok)
+EXPECTED = {
+    "perplexity_memory.py": (
+        [r"RATIO memory naive/pieval at W=\d+: " + NUMBER + "x",
+         r"RATIO time pieval/floor at W=\d+: " + NUMBER],
+        r"SAME-PPL pieval vs naive vs floor: max relative difference " + NUMBER + r" \(tolerance 1e-05\): ok",
+    ),
+    "stride_throughput.py": (
+        [r"RATIO tokens/s S=512 / S=256 \(batch 1\): " + NUMBER + "x",
+         r"RATIO tokens/s batch 2 / batch 1 \(S=256\): " + NUMBER + "x"],
+        r"SAME-PPL across batch sizes: max relative difference " + NUMBER + r" \(tolerance 1e-05\): ok",
+    ),
+    "passkey_throughput.py": (
+        [r"RATIO prompts/s batch 8 / batch 1: " + NUMBER + "x"],
+        r"SAME-ANSWERS batch 8 vs batch 1: (\d+)/\1 identical: ok",
+    ),
+    "finetune_throughput.py": (
+        [r"RATIO tokens/s pieval/Trainer, checkpointing off: " + NUMBER,
+         r"RATIO tokens/s pieval/Trainer, checkpointing on: " + NUMBER,
+         r"RATIO peak memory pieval checkpointing off/on: " + NUMBER + "x",
+         r"RATIO peak memory trainer checkpointing off/on: " + NUMBER + "x"],
+        r"SAME-LOSS first step pieval vs Trainer: max difference " + NUMBER + r" \(tolerance 0.0001\): ok",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_quick_mode_runs_and_reports(script):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True, env=env, timeout=300
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert out.startswith("machine: "), out[:500]  # every table names the machine it came from
+    ratios, correctness = EXPECTED[script]
+    for pattern in ratios:
+        match = re.search(pattern, out)
+        assert match, f"no line matching {pattern!r} in:\n{out[-3000:]}"
+        value = float(match.group(1))
+        assert math.isfinite(value) and value > 0, match.group(0)
+    assert re.search(correctness, out), f"no line matching {correctness!r} in:\n{out[-3000:]}"
+    if script == "perplexity_memory.py":
+        # a slope from two small windows may come out slightly negative (RSS noise): only finite
+        for variant in ("pieval", "naive", "floor"):
+            match = re.search(rf"LINEAR memory {variant}: {NUMBER} KiB per window token", out)
+            assert match and math.isfinite(float(match.group(1))), out[-3000:]
