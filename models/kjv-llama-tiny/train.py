@@ -1,7 +1,7 @@
-"""Train the reference model: a 2M-parameter LLaMA that reads KJV prose and retrieves in context.
+"""Train the reference model: a 1M-parameter LLaMA that reads KJV prose and retrieves in context.
 
 One file, top to bottom: recipe -> tokenizer -> synthetic mixture -> training loop -> probes ->
-`save_pretrained`. Re-create the committed checkpoint (about 40 minutes on 2 CPU cores):
+`save_pretrained`. Re-create the committed checkpoint (about 25 minutes on 2 idle CPU cores):
 
     python models/kjv-llama-tiny/train.py --recipe models/kjv-llama-tiny/recipe.yaml \
         --out models/kjv-llama-tiny
@@ -12,9 +12,12 @@ a resumed run sees the same data as an uninterrupted one.
 
 The mixture (none of it uses the passkey prompt's wording):
 - ``random_repeat``: a random-token segment repeated; induction heads form fastest on this.
+- ``alphabet_repeat``: the same over a small alphabet (often digits), where copying needs
+  more than the last token.
 - ``passage_repeat``: a prose passage, a gap, the same passage again.
 - ``fact_recall``: facts ("The code for the red gate is 4821.") scattered in prose or in
   repetitive filler, then a question whose answer is the number stated earlier.
+- ``restated_recall``: facts stated twice ("... is 4821. ... 4821 is the code ..."), then asked.
 - ``prose``: plain KJV windows.
 """
 
@@ -41,30 +44,38 @@ SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in LLaMA
 
 
 @dataclass
+class Stage:
+    until: int  # last step (exclusive) of this stage
+    window: int  # training sequence length (BOS included)
+    batch_size: int
+    mix: dict[str, float]
+    repeat_max: float = 0.5  # longest random_repeat segment, as a fraction of the window
+
+
+@dataclass
 class Recipe:
     seed: int = 1234
     threads: int = 2
     corpus: str = "models/corpus/kjv/train.jsonl.gz"
     vocab_size: int = 2048
     window: int = 256
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_layers: int = 4
-    num_heads: int = 6
+    num_heads: int = 4
     rope_theta: float = 10000.0
-    steps: int = 1600
-    batch_size: int = 32
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 50
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_schedule_steps: int | None = None  # cosine horizon (default: all steps); min_lr after it
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    curriculum_steps: int = 250
-    mix_early: dict[str, float] = field(default_factory=lambda: {"random_repeat": 0.7, "prose": 0.3})
-    mix_late: dict[str, float] = field(default_factory=dict)
+    # Curriculum: induction heads form in time ~quadratic in the context length, so the
+    # copying tasks start on short windows and grow to L before the full mixture.
+    stages: list[Stage] = field(default_factory=list)
     log_every: int = 10
     probe_every: int = 100
-    save_every: int = 100
+    save_every: int = 50
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -72,7 +83,15 @@ class Recipe:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown recipe keys {sorted(unknown)} in {path}")
+        data["stages"] = [Stage(**st) for st in data.get("stages", [])]
         return cls(**data)
+
+    @property
+    def steps(self) -> int:
+        return self.stages[-1].until
+
+    def stage(self, step: int) -> Stage:
+        return next(st for st in self.stages if step < st.until)
 
 
 # ---------------------------------------------------------------- corpus and tokenizer
@@ -117,16 +136,24 @@ FACT_TEMPLATES = [
     (" {p} keeps the number {v}. {v} is kept by {p}.", " Which number does {p} keep? {p} keeps the number {v}."),
     (" Note well: the {a} {n} is marked {v}.", " How is the {a} {n} marked? The {a} {n} is marked {v}."),
 ]
+# Facts stated twice, the second time with the number first ("{v} is the code ..."), so that
+# the word after "is" in the context is more often "the" than the number: recall has to use
+# the longer prefix of the question, not the last word.
+RESTATED_TEMPLATES = [
+    (" The code for the {a} {n} is {v}. Keep it safe. {v} is the code for the {a} {n}.",
+     " What is the code for the {a} {n}? The code for the {a} {n} is {v}."),
+    (" The number of {p} is {v}. Do not lose it. {v} is the number of {p}.",
+     " What is the number of {p}? The number of {p} is {v}."),
+]
 
 
 class Mixture:
-    """Samples of exactly ``window`` tokens (BOS first), each a pure function of its rng."""
+    """Samples of ``n`` content tokens (BOS goes first), each a pure function of its rng."""
 
-    def __init__(self, books: list[list[int]], tok: PreTrainedTokenizerFast, window: int):
-        self.books = [b for b in books if len(b) > window]
+    def __init__(self, books: list[list[int]], tok: PreTrainedTokenizerFast):
+        self.books = books
         self.weights = [len(b) for b in self.books]
         self.tok = tok
-        self.n = window - 1  # content tokens after BOS
         self.vocab = tok.vocab_size
 
     def enc(self, text: str) -> list[int]:
@@ -137,21 +164,37 @@ class Mixture:
         start = rng.randrange(len(book) - length)
         return book[start : start + length]
 
-    def prose(self, rng: random.Random) -> list[int]:
-        return self.prose_span(rng, self.n)
+    def prose(self, rng: random.Random, n: int) -> list[int]:
+        return self.prose_span(rng, n)
 
-    def random_repeat(self, rng: random.Random) -> list[int]:
-        seg = [rng.randrange(len(SPECIALS), self.vocab) for _ in range(rng.randint(8, 80))]
-        out = self.prose_span(rng, rng.randint(0, 40))
-        while len(out) < self.n:
-            out += seg + self.prose_span(rng, rng.randint(0, 20))
-        return out[: self.n]
+    def random_repeat(self, rng: random.Random, n: int, repeat_max: float) -> list[int]:
+        seg = [rng.randrange(len(SPECIALS), self.vocab) for _ in range(rng.randint(4, max(4, int(n * repeat_max))))]
+        out = self.prose_span(rng, rng.randint(0, n // 6))
+        while len(out) < n:
+            out += seg
+        return out[:n]
 
-    def passage_repeat(self, rng: random.Random) -> list[int]:
-        passage = self.prose_span(rng, rng.randint(16, 96))
-        gap = self.prose_span(rng, rng.randint(0, self.n - 2 * len(passage)))
+    def restated_recall(self, rng: random.Random, n: int) -> list[int]:
+        return self.fact_recall(rng, n, RESTATED_TEMPLATES)
+
+    def alphabet_repeat(self, rng: random.Random, n: int) -> list[int]:
+        """A repeated segment over a small alphabet (often the digits): each token recurs with
+        different successors, so copying needs the longer prefix, as a passkey's digits do."""
+        if rng.random() < 0.5:
+            alphabet = self.enc("0123456789")
+        else:
+            alphabet = rng.sample(range(len(SPECIALS), self.vocab), rng.randint(8, 64))
+        seg = [rng.choice(alphabet) for _ in range(rng.randint(6, n // 2))]
+        out = self.prose_span(rng, rng.randint(0, n // 6))
+        while len(out) < n:
+            out += seg
+        return out[:n]
+
+    def passage_repeat(self, rng: random.Random, n: int) -> list[int]:
+        passage = self.prose_span(rng, rng.randint(4, n // 3))
+        gap = self.prose_span(rng, rng.randint(0, n - 2 * len(passage)))
         out = passage + gap + passage
-        return (self.prose_span(rng, self.n - len(out)) + out)[: self.n]
+        return (self.prose_span(rng, n - len(out)) + out)[:n]
 
     def background(self, rng: random.Random, length: int) -> list[int]:
         if rng.random() < 0.5:
@@ -162,10 +205,10 @@ class Mixture:
         block = self.enc("".join(sentences))
         return (block * (length // len(block) + 1))[:length]
 
-    def fact_recall(self, rng: random.Random) -> list[int]:
+    def fact_recall(self, rng: random.Random, n: int, templates=FACT_TEMPLATES) -> list[int]:
         facts, used = [], set()
-        for _ in range(rng.randint(1, 4)):
-            state, ask = rng.choice(FACT_TEMPLATES)
+        for _ in range(rng.randint(1, max(1, min(4, n // 64)))):
+            state, ask = rng.choice(templates)
             slots = {"a": rng.choice(ADJECTIVES), "n": rng.choice(NOUNS), "p": rng.choice(NAMES)}
             key = (state, tuple(slots.values()))
             if key in used:
@@ -174,22 +217,35 @@ class Mixture:
             slots["v"] = str(rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1))
             facts.append((self.enc(state.format(**slots)), self.enc(ask.format(**slots))))
         query = rng.choice(facts)[1]
-        room = self.n - len(query) - sum(len(s) for s, _ in facts)
+        room = n - len(query) - sum(len(s) for s, _ in facts)
         cuts = sorted(rng.randint(0, room) for _ in facts)
         out, prev = [], 0
         for cut, (stated, _) in zip(cuts, facts):
             out += self.background(rng, cut - prev) + stated
             prev = cut
         out += self.background(rng, room - prev) + query
-        return out[-self.n :]
+        return out[-n:]
 
-    def batch(self, rng: random.Random, size: int, mix: dict[str, float]) -> torch.Tensor:
-        kinds = rng.choices(list(mix), list(mix.values()), k=size)
+    def batch(self, rng: random.Random, stage: Stage) -> torch.Tensor:
+        kinds = rng.choices(list(stage.mix), list(stage.mix.values()), k=stage.batch_size)
         bos = self.tok.bos_token_id
-        return torch.tensor([[bos] + getattr(self, kind)(rng) for kind in kinds])
+        n = stage.window - 1
+        return torch.tensor(
+            [[bos] + (self.random_repeat(rng, n, stage.repeat_max) if kind == "random_repeat" else getattr(self, kind)(rng, n))
+             for kind in kinds]
+        )
 
 
 # ---------------------------------------------------------------- probes
+
+
+@torch.no_grad()
+def random_copy_loss(model: LlamaForCausalLM, vocab: int, bos: int) -> float:
+    """Loss on the second copy of 40 random tokens: drops to ~0 once induction heads exist."""
+    seg = torch.randint(len(SPECIALS), vocab, (8, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([torch.full((8, 1), bos), seg, seg], 1)
+    logits = model(input_ids=ids).logits[:, 40:-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 41:].reshape(-1)).item()
 
 
 @torch.no_grad()
@@ -242,7 +298,8 @@ def passkey_accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, wind
 def lr_at(r: Recipe, step: int) -> float:
     if step < r.warmup_steps:
         return r.lr * (step + 1) / r.warmup_steps
-    progress = (step - r.warmup_steps) / max(1, r.steps - r.warmup_steps)
+    horizon = r.lr_schedule_steps or r.steps
+    progress = min(1.0, (step - r.warmup_steps) / max(1, horizon - r.warmup_steps))
     return r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -283,7 +340,7 @@ def train(r: Recipe, out: Path, max_steps: int | None = None) -> list[dict]:
         tok.encode(p.read_text(encoding="utf-8"), add_special_tokens=False)
         for p in sorted((REPO / "models/corpus/kjv/heldout").glob("*.txt"))
     ]
-    mixture = Mixture(encoded, tok, r.window)
+    mixture = Mixture(encoded, tok)
     model = build_model(r, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.95), weight_decay=r.weight_decay)
     state_path, step = out / "state.pt", 0
@@ -299,8 +356,7 @@ def train(r: Recipe, out: Path, max_steps: int | None = None) -> list[dict]:
     t0 = time.time()
     while step < stop:
         model.train()
-        mix = r.mix_early if step < r.curriculum_steps else r.mix_late
-        ids = mixture.batch(random.Random(r.seed * 1_000_003 + step), r.batch_size, mix)
+        ids = mixture.batch(random.Random(r.seed * 1_000_003 + step), r.stage(step))
         for group in opt.param_groups:
             group["lr"] = lr_at(r, step)
         loss = model(input_ids=ids, labels=ids).loss
@@ -310,9 +366,11 @@ def train(r: Recipe, out: Path, max_steps: int | None = None) -> list[dict]:
         opt.zero_grad(set_to_none=True)
         step += 1
         if step % r.log_every == 0 or step == 1:
-            rec = {"step": step, "loss": loss.item(), "lr": lr_at(r, step - 1), "elapsed_s": round(time.time() - t0, 1)}
+            rec = {"step": step, "window": ids.shape[1], "loss": loss.item(), "lr": lr_at(r, step - 1),
+                   "elapsed_s": round(time.time() - t0, 1)}
             if step % r.probe_every == 0 or step == r.steps:
                 model.eval()
+                rec["random_copy_loss"] = random_copy_loss(model, mixture.vocab, tok.bos_token_id)
                 rec["copy_loss_first"], rec["copy_loss_second"] = copy_losses(model, heldout, tok.bos_token_id)
                 rec["passkey_acc"] = passkey_accuracy(model, tok, r.window)
             records.append(rec)

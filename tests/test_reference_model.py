@@ -1,0 +1,151 @@
+"""The committed reference model: a plain LLaMA checkpoint that reads prose and retrieves.
+
+The retrieval check builds the paper's passkey prompt itself (from shared/PAPER.md's text)
+instead of calling pieval.passkey, so a bug there cannot hide a model that does not retrieve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import REF_MODEL, REPO
+
+HEAD = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILL = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+WINDOW = 256
+
+
+def test_loads_with_plain_transformers():
+    """No pieval import: the checkpoint is an ordinary Llama with default rope and window L."""
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained({str(REF_MODEL)!r})
+        t = AutoTokenizer.from_pretrained({str(REF_MODEL)!r})
+        c = m.config
+        print(json.dumps(dict(cls=type(m).__name__, model_type=c.model_type, rope=c.rope_parameters,
+            max_pos=c.max_position_embeddings, bos=t.bos_token_id, eos=t.eos_token_id,
+            first=t("The key is 12345").input_ids[0], digits=t.tokenize("12345"),
+            pieval=any(k.startswith("pieval") for k in sys.modules))))
+        """
+    )
+    env = {**os.environ, "PIEVAL_LM_EVAL_HOOK": "0"}  # not even the installed lm-eval hook
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["cls"] == "LlamaForCausalLM" and info["model_type"] == "llama"
+    assert info["rope"]["rope_type"] == "default" and info["rope"]["rope_theta"] == 10000.0
+    assert info["max_pos"] == WINDOW
+    assert info["first"] == info["bos"] == 1 and info["eos"] == 2
+    assert info["digits"] == ["1", "2", "3", "4", "5"]
+    assert not info["pieval"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(REF_MODEL).eval(), AutoTokenizer.from_pretrained(REF_MODEL)
+
+
+def passkey_prompt(tok, key: int, before: int, budget: int) -> tuple[list[int], int]:
+    """The paper's prompt with ``before`` filler blocks ahead of the key, filled up to ``budget``."""
+    best = None
+    for after in range(20):
+        text = (
+            HEAD + FILL * before + f" The pass key is {key}. Remember it. {key} is the pass key."
+            + FILL * after + " What is the pass key? The pass key is"
+        )
+        ids = tok(text).input_ids
+        if len(ids) > budget:
+            break
+        best = ids
+    key_end = text.index(f"{key} is the pass key.") + len(f"{key} is the pass key.")
+    assert best is not None
+    distance = len(best) - len(tok(text[:key_end]).input_ids)
+    return best, distance
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 2 not met yet: the committed model retrieves 0/40 passkeys (it answers 'the pass key' "
+    "after 'The pass key is'); it does copy passages and digit strings. See models/kjv-llama-tiny/README.md",
+)
+def test_passkey_retrieval_within_window(model_and_tokenizer):
+    """>= 90% of held-out keys retrieved at every distance that fits inside L."""
+    model, tok = model_and_tokenizer
+    rng = random.Random(2026)  # keys never seen by the training probe (seed 0)
+    by_position: dict[int, list[bool]] = {}
+    for before in range(4):
+        for _ in range(10):
+            key = rng.randint(10000, 99999)
+            ids, distance = passkey_prompt(tok, key, before, WINDOW - 8)
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=2)
+            answer = re.search(r"\d+", tok.decode(out[0, len(ids) :]))
+            by_position.setdefault(before, []).append(bool(answer) and int(answer.group()) == key)
+    rates = {b: sum(v) / len(v) for b, v in by_position.items()}
+    assert all(r >= 0.9 for r in rates.values()), rates
+
+
+def test_copy_loss_second_copy_far_below_first(model_and_tokenizer, heldout_dir):
+    model, tok = model_and_tokenizer
+    text = (heldout_dir / "Jonah.txt").read_text()
+    first, second = [], []
+    for start in range(0, 1200, 200):
+        p = tok(text, add_special_tokens=False).input_ids[start : start + 100]
+        ids = torch.tensor([[tok.bos_token_id] + p + p])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        first.append(nll[:100].mean().item())
+        second.append(nll[100:].mean().item())
+    # measured on the committed model: 2.21 vs 3.67 nats (ratio 0.60)
+    assert sum(second) / len(second) < 0.7 * sum(first) / len(first)
+
+
+# Golden number, produced by (from the repo root, pieval installed):
+#   lm_eval --model pi_llama --model_args pretrained=models/kjv-llama-tiny --tasks local_ppl \
+#       --metadata '{"data_path": "models/corpus/kjv/heldout", "windows": [256], "stride": 128}'
+# -> token_ppl_256 41.0744824639519, scored_tokens_256 42897 (6 held-out books)
+GOLDEN_PPL_256 = 41.0744824639519
+GOLDEN_TOKENS = 42897
+
+
+def test_heldout_perplexity_at_window_L_matches_golden(model_and_tokenizer, heldout_dir):
+    from pieval.perplexity import exp_ratio, score_documents
+
+    model, tok = model_and_tokenizer
+    docs = [tok(p.read_text(encoding="utf-8"), add_special_tokens=False).input_ids for p in sorted(heldout_dir.glob("*.txt"))]
+    stats = score_documents(model, docs, window=WINDOW, stride=128, bos_id=tok.bos_token_id, batch_size=8)
+    assert sum(s.tokens for s in stats) == GOLDEN_TOKENS
+    assert exp_ratio([(s.nll, s.tokens) for s in stats]) == pytest.approx(GOLDEN_PPL_256, rel=1e-5)
+
+
+def test_recipe_reproduces_logged_losses(tmp_path):
+    """Re-running the recipe's first 10 steps on CPU gives the committed log's losses exactly."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REF_MODEL / name, tmp_path / name)
+    subprocess.run(
+        [sys.executable, str(REF_MODEL / "train.py"), "--recipe", str(REF_MODEL / "recipe.yaml"),
+         "--out", str(tmp_path), "--max-steps", "10"],
+        check=True, capture_output=True, cwd=REPO,
+    )
+    rerun = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["loss"] for r in map(json.loads, (REF_MODEL / "train_log.jsonl").read_text().splitlines())}
+    assert [r["step"] for r in rerun] == [1, 10]
+    for r in rerun:
+        assert r["loss"] == logged[r["step"]], (r["step"], r["loss"], logged[r["step"]])
