@@ -248,7 +248,7 @@ def test_run_facts_are_recorded_in_the_config_section(local_run):
 
 
 @pytest.mark.slow
-def test_stock_cli_runs_all_three_tasks(model_dir, corpus_dir, local_run, tmp_path):
+def test_stock_cli_runs_all_three_tasks(model_dir, corpus_dir, lm_eval_ready, tmp_path):
     """`lm_eval` as a user types it; data local; numbers equal the in-process run's."""
     metadata = {
         "data_path": str(corpus_dir), "stride": 128, "max_doc_tokens": 1024,
@@ -269,11 +269,13 @@ def test_stock_cli_runs_all_three_tasks(model_dir, corpus_dir, local_run, tmp_pa
         for w in WINDOWS:
             assert 1 < res[f"token_ppl_{w},none"] < 1e5
         assert out["configs"][task]["metadata"]["scoring"]["windows"] == list(WINDOWS)
-    # The CLI batches local_ppl's windows together with pg19_ppl's (same settings), so
-    # batch composition, and with it fp32 rounding, differs from the in-process run.
-    expected = local_run["results"]["local_ppl"]
-    for w in WINDOWS:
-        assert out["results"]["local_ppl"][f"token_ppl_{w},none"] == pytest.approx(expected[f"token_ppl_{w},none"], rel=1e-5)
+    # --metadata reaches all three tasks, so they score the same documents (min_doc_tokens
+    # included); the in-process run with that metadata must agree with each of them.
+    expected = evaluate_local(model_dir, corpus_dir, min_doc_tokens=1024)["results"]["local_ppl"]
+    for task in ("pg19_ppl", "proofpile_ppl", "local_ppl"):
+        for w in WINDOWS:
+            key = f"token_ppl_{w},none"
+            assert out["results"][task][key] == pytest.approx(expected[key], rel=1e-6), (task, w)
     # proofpile_ppl kept only the documents with >= min_doc_tokens tokens
     docs_ = out["configs"]["proofpile_ppl"]["metadata"]["documents"]
     assert docs_["below_min_tokens_skipped"] >= 1 and docs_["selected"] >= 1
