@@ -29,6 +29,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
