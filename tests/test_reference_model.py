@@ -81,8 +81,9 @@ def passkey_prompt(tok, key: int, before: int, budget: int) -> tuple[list[int], 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 2 not met yet: the committed model retrieves 0/40 passkeys (it answers 'the pass key' "
-    "after 'The pass key is'); it does copy passages and digit strings. See models/kjv-llama-tiny/README.md",
+    reason="issue 2 not met yet: the committed model retrieves keys only near the question (the passkey "
+    "task: success 0.9-1.0 for k <= 48 tokens, k_max_256 = 64, acc 0.32); with the key early in the window "
+    "it answers 'the pass key'. See models/kjv-llama-tiny/README.md",
 )
 def test_passkey_retrieval_within_window(model_and_tokenizer):
     """>= 90% of held-out keys retrieved at every distance that fits inside L."""
