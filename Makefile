@@ -20,8 +20,10 @@ $(BIN)/pieval: pyproject.toml
 
 venv: $(BIN)/pieval
 
+# Two pytest workers: most tests wait on subprocesses (lm_eval, pip, pieval finetune), so
+# the suite takes about half the wall time on the 2-core CI machine.
 test: venv
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra -n 2 $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m pieval.demo $(DEMO_ARGS)
