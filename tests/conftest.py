@@ -26,6 +26,13 @@ def ref_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def ref_tokenizer(ref_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ref_model_dir)
+
+
+@pytest.fixture(scope="session")
 def heldout_dir() -> Path:
     return HELDOUT
 

@@ -20,13 +20,6 @@ TASKS = REPO / "tasks"
 
 
 @pytest.fixture(scope="module")
-def ref_tokenizer(ref_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ref_model_dir)
-
-
-@pytest.fixture(scope="module")
 def reports(heldout_dir, tmp_path_factory) -> Path:
     """Four held-out books as 'reports'; a passage of each (with a line break) as its 'summary'."""
     path = tmp_path_factory.mktemp("gov") / "gov.jsonl"

@@ -21,13 +21,6 @@ TASKS = REPO / "tasks"
 
 
 @pytest.fixture(scope="module")
-def ref_tokenizer(ref_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ref_model_dir)
-
-
-@pytest.fixture(scope="module")
 def model(ref_tokenizer) -> TaskModel:
     return TaskModel(ref_tokenizer, window=None, add_special_tokens=True)
 
