@@ -274,7 +274,10 @@ def test_peak_memory_does_not_grow_with_window_times_vocab():
     ours_1k, ours_4k = peak_mb("ours", 1024), peak_mb("ours", 4096)
     full_logits_mb = 4096 * 32000 * 4 / 2**20
     peaks = {"bare": bare, "naive": naive, "ours_1024": ours_1k, "ours_4096": ours_4k}
-    assert naive - bare > full_logits_mb, peaks  # the measurement does see the W x V term
+    # The measurement does see the W x V term. Not the whole 2 x 500 MB: the bare forward's own
+    # transient peak (attention at W = 4096) is freed before the logits exist, and that much of the
+    # naive peak overlaps it (measured in a fresh clone under `make test`: naive - bare = 458-468 MB).
+    assert naive - bare > 0.75 * full_logits_mb, peaks
     assert ours_4k - bare < full_logits_mb / 4, peaks
     assert abs(ours_4k - ours_1k) < full_logits_mb / 16, peaks  # 3072 more scored tokens cost ~nothing
 
