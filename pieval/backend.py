@@ -14,6 +14,7 @@ import logging
 import pieval
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
+from lm_eval.utils import simple_parse_args_string
 
 from pieval import rope
 from pieval.errors import UserError
@@ -61,6 +62,18 @@ class PILlama(SlidingWindowMixin, HFLM):
                 max_length,
                 self.rope.context_length,
             )
+
+    # lm-eval's CLI passes --device (default "cuda:0") and --batch_size (default 1) beside
+    # --model_args, and the stock LM.create_from_* fail with a duplicate-keyword TypeError
+    # when model_args names one too (`--model hf --model_args device=cpu` does). Here the
+    # model_args value wins: it is the more specific of the two.
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        return cls(**merge_cli_config(dict(arg_dict), additional_config))
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        return cls(**merge_cli_config(simple_parse_args_string(arg_string), additional_config))
 
     def _check_built(self, model) -> None:
         """An already-built model cannot be re-scaled (its inv_freq is fixed): only check it."""
@@ -164,3 +177,12 @@ class PILlama(SlidingWindowMixin, HFLM):
             "pieval_version": pieval.__version__,
         }
         return info
+
+
+def merge_cli_config(model_args: dict, cli: dict | None) -> dict:
+    """model_args plus the CLI's device/batch_size/max_batch_size, model_args winning."""
+    merged = {k: v for k, v in (cli or {}).items() if v is not None}
+    for key in sorted(merged.keys() & model_args.keys()):
+        if str(merged[key]) != str(model_args[key]):
+            log.info("%s=%s from --model_args is used, not the CLI's %s", key, model_args[key], merged[key])
+    return {**merged, **model_args}

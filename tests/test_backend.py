@@ -185,6 +185,16 @@ def test_hflm_model_args_pass_through(tiny_llama_dir):
     assert info["dtype"] == "bfloat16" and info["attn_implementation"] == "eager"
 
 
+def test_model_args_device_and_batch_size_win_over_the_cli_defaults(tiny_llama_dir):
+    """lm-eval's CLI always passes device="cuda:0" and batch_size=1 beside --model_args;
+    stock HFLM then fails on a duplicate keyword (found on a GPU machine with device=cuda)."""
+    cli = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
+    lm = PILlama.create_from_arg_string(f"pretrained={tiny_llama_dir},device=cpu,batch_size=2", cli)
+    assert str(lm.device) == "cpu" and lm.batch_size == 2
+    lm = PILlama.create_from_arg_obj({"pretrained": str(tiny_llama_dir), "batch_size": 3}, cli)
+    assert lm.batch_size == 3
+
+
 def test_model_info_records_provenance(tiny_llama_dir):
     info = load(tiny_llama_dir, context_length=640, rope_method="yarn").get_model_info()
     assert info["model_num_parameters"] > 0  # HFLM's own entries stay
