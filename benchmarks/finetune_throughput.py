@@ -199,6 +199,11 @@ def trainer_worker(spec: dict) -> dict:
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
 
+    def checkpointing_args(on: bool) -> dict:
+        # renamed during transformers v5 (5.17 knows only gradient_checkpointing)
+        name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+        return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
     clock = Clock()
     targs = TrainingArguments(
         output_dir=spec["output"],
@@ -214,8 +219,7 @@ def trainer_worker(spec: dict) -> dict:
         lr_scheduler_type="constant_with_warmup",
         bf16=spec["precision"] == "bf16",
         use_cpu=spec["device"] == "cpu",
-        activation_checkpointing=spec["gc"],
-        activation_checkpointing_kwargs={"use_reentrant": False} if spec["gc"] else None,
+        **checkpointing_args(spec["gc"]),
         save_strategy="no",
         logging_steps=1,
         report_to="none",

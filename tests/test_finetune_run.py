@@ -228,6 +228,25 @@ def test_direct_finetuning_baseline_keeps_rope_and_sets_the_window(tiny_llama_di
     assert config["max_position_embeddings"] == 1024
 
 
+def test_activation_checkpointing_on_old_and_new_transformers_names(tiny_llama_dir):
+    """transformers 5.17 (the GPU machine's) has only gradient_checkpointing_enable; 5.24 renamed it."""
+    from transformers import AutoModelForCausalLM
+
+    from pieval.finetune.recipe import enable_activation_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    enable_activation_checkpointing(model)
+    assert model.is_gradient_checkpointing
+
+    class OldModel:  # the 5.17 surface: no activation_checkpointing_enable
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    old = OldModel()
+    enable_activation_checkpointing(old)
+    assert old.kwargs == {"use_reentrant": False}
+
+
 def test_govreport_mode_trains_on_prompt_and_summary(tiny_llama_dir, tmp_path):
     docs = tmp_path / "gov.jsonl"
     text = (REPO / "models" / "corpus" / "kjv" / "heldout").glob("*.txt")

@@ -56,6 +56,17 @@ def build_scheduler(optimizer, config: FinetuneConfig) -> torch.optim.lr_schedul
 # ---------------------------------------------------------------- model and data
 
 
+def enable_activation_checkpointing(model) -> None:
+    """transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable
+    during v5 (5.17 has only the old name, 5.24 keeps it as a deprecated alias); use whichever
+    this version has, so every transformers 5.x that pyproject allows works."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_model(config: FinetuneConfig):
     """(model, tokenizer, rope spec, dtype to save in): the model built with the interpolation in place."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -95,7 +106,7 @@ def load_model(config: FinetuneConfig):
     if config.method == "pi":
         rope.verify(model, spec)
     if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
