@@ -69,7 +69,9 @@ def main() -> int:
     for b in (1, args.batch_size):
         lm = PILlama(pretrained=str(model_dir), scaling_factor=args.scaling_factor, batch_size=b,
                      device=args.device, dtype=dtype)  # fmt: skip
-        lm.generate_until(requests[:1], disable_tqdm=True)  # warm-up: first-call overheads are not throughput
+        # warm-up with one full batch: first-call overheads (on a GPU, kernel selection for each new
+        # batch shape) are not throughput; warming up with one prompt left them in batch B's time
+        lm.generate_until(requests[:b], disable_tqdm=True)
         with c.Stopwatch(args.device) as clock:
             answers[b] = lm.generate_until(requests, disable_tqdm=True)
         seconds[b] = clock.seconds
