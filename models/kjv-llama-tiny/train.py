@@ -243,7 +243,7 @@ class Mixture:
 def random_copy_loss(model: LlamaForCausalLM, vocab: int, bos: int) -> float:
     """Loss on the second copy of 40 random tokens: drops to ~0 once induction heads exist."""
     seg = torch.randint(len(SPECIALS), vocab, (8, 40), generator=torch.Generator().manual_seed(0))
-    ids = torch.cat([torch.full((8, 1), bos), seg, seg], 1)
+    ids = torch.cat([torch.full((8, 1), bos), seg, seg], 1).to(model.device)
     logits = model(input_ids=ids).logits[:, 40:-1]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 41:].reshape(-1)).item()
 
@@ -255,7 +255,7 @@ def copy_losses(model: LlamaForCausalLM, heldout: list[list[int]], bos: int) -> 
     for book in heldout:
         for start in range(0, len(book) - 64, max(64, (len(book) - 64) // 4))[:4]:
             p = book[start : start + 64]
-            ids = torch.tensor([[bos] + p + p])
+            ids = torch.tensor([[bos] + p + p], device=model.device)
             nll = torch.nn.functional.cross_entropy(
                 model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none"
             )
@@ -283,7 +283,7 @@ def passkey_accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, wind
                 PASSKEY_HEAD + PASSKEY_FILL * before + f" The pass key is {key}. Remember it. {key} is the pass key."
                 + PASSKEY_FILL * after + " What is the pass key? The pass key is"
             )
-            ids = tok(text, return_tensors="pt").input_ids
+            ids = tok(text, return_tensors="pt").input_ids.to(model.device)
             if ids.shape[1] <= window - 8:
                 break
         out = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -320,8 +320,12 @@ def build_model(r: Recipe, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def train(r: Recipe, out: Path, max_steps: int | None = None) -> list[dict]:
-    """Train (or resume) into ``out``; return the log records written by this call."""
+def train(r: Recipe, out: Path, max_steps: int | None = None, device: str = "cpu") -> list[dict]:
+    """Train (or resume) into ``out``; return the log records written by this call.
+
+    The committed checkpoint was trained on CPU (``device="cpu"``), where the logged losses
+    repeat exactly; other devices are for trying recipe variants quickly.
+    """
     torch.set_num_threads(r.threads)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(r.seed)
@@ -341,11 +345,11 @@ def train(r: Recipe, out: Path, max_steps: int | None = None) -> list[dict]:
         for p in sorted((REPO / "models/corpus/kjv/heldout").glob("*.txt"))
     ]
     mixture = Mixture(encoded, tok)
-    model = build_model(r, tok)
+    model = build_model(r, tok).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.95), weight_decay=r.weight_decay)
     state_path, step = out / "state.pt", 0
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
@@ -356,7 +360,7 @@ def train(r: Recipe, out: Path, max_steps: int | None = None) -> list[dict]:
     t0 = time.time()
     while step < stop:
         model.train()
-        ids = mixture.batch(random.Random(r.seed * 1_000_003 + step), r.stage(step))
+        ids = mixture.batch(random.Random(r.seed * 1_000_003 + step), r.stage(step)).to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(r, step)
         loss = model(input_ids=ids, labels=ids).loss
@@ -393,8 +397,9 @@ def main() -> None:
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-steps", type=int, help="stop after this many steps of this call (for tests)")
+    ap.add_argument("--device", default="cpu", help="cpu (the committed run) or cuda (quick recipe trials)")
     args = ap.parse_args()
-    train(Recipe.load(args.recipe), Path(args.out), args.max_steps)
+    train(Recipe.load(args.recipe), Path(args.out), args.max_steps, args.device)
 
 
 if __name__ == "__main__":
