@@ -68,6 +68,13 @@ def metadata(plan: DemoPlan, heldout: Path, base_window: int) -> dict:
     return meta
 
 
+def repo_relative(path: str | Path) -> str:
+    """Paths inside the checkout go to the steps relative to it (they run there), so the
+    committed leaderboards record ``models/kjv-llama-tiny``, not this machine's absolute path."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
 def run(cmd: list[str], log: Path) -> None:
     """Run one step, echoing its command; its output goes to ``log`` (shown on failure)."""
     print("$", shlex.join(cmd), flush=True)
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     L = rope.base_window(AutoConfig.from_pretrained(args.model))
     L_prime = plan.scaling_factor * L
-    meta = json.dumps(metadata(plan, Path(args.heldout), L))
+    model, rel = repo_relative(args.model), repo_relative
+    meta = json.dumps(metadata(plan, Path(rel(args.heldout)), L))
     py = sys.executable
     started = time.time()
 
@@ -112,25 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     base_out = work / "base"
     if not any(base_out.rglob("results_*.json")):
         run([py, "-m", "lm_eval", "--model", "pi_llama",
-             "--model_args", f"pretrained={args.model},max_length={max(plan.windows)}",
+             "--model_args", f"pretrained={model},max_length={max(plan.windows)}",
              "--tasks", "local_ppl,passkey", "--metadata", meta, "--log_samples",
-             "--output_path", str(base_out)], work / "logs" / "base.log")
+             "--output_path", rel(base_out)], work / "logs" / "base.log")
 
     for method, label in (("pi", "PI"), ("none", "direct fine-tuning (FT)")):
         out = work / f"finetune_{method}"
         print(f"== {2 if method == 'pi' else 3}. {label} to L'={L_prime}: fine-tune {plan.finetune_steps} steps, "
               f"evaluated every {plan.eval_every}")
         if not (out / "final").exists():
-            run([py, "-m", "pieval", "finetune", "--config", args.recipe, "--model", args.model,
-                 "--data", args.train_data, "--method", method, "--scaling-factor", str(plan.scaling_factor),
+            run([py, "-m", "pieval", "finetune", "--config", rel(args.recipe), "--model", model,
+                 "--data", rel(args.train_data), "--method", method, "--scaling-factor", str(plan.scaling_factor),
                  "--max-steps", str(plan.finetune_steps), "--save-every", str(plan.eval_every),
                  "--global-batch", str(plan.finetune_batch), "--micro-batch", str(plan.finetune_batch),
                  "--eval-tasks", "local_ppl,passkey", "--eval-every", str(plan.eval_every),
-                 "--eval-metadata", meta, "--output", str(out), "--resume"], work / "logs" / f"finetune_{method}.log")
+                 "--eval-metadata", meta, "--output", rel(out), "--resume"], work / "logs" / f"finetune_{method}.log")
 
     print(f"== 4. leaderboards -> {boards}")
-    run([py, "-m", "pieval", "leaderboard", str(base_out), str(work / "finetune_pi"), str(work / "finetune_none"),
-         "--out", str(boards), "--plots"], work / "logs" / "leaderboard.log")
+    run([py, "-m", "pieval", "leaderboard", rel(base_out), rel(work / "finetune_pi"), rel(work / "finetune_none"),
+         "--out", rel(boards), "--plots"], work / "logs" / "leaderboard.log")
 
     print(f"== 5. the paper's claims at small scale (L={L}, L'={L_prime}), measured from {boards}")
     verdicts = claims.check(boards, L=L, L_prime=L_prime, dataset="local")
