@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,34 @@ def register_model() -> None:
 
     if MODEL_NAME not in model_registry:
         model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+    if _is_lm_eval_cli(sys.argv):
+        _user_errors_as_one_line()
+
+
+def _is_lm_eval_cli(argv: list[str]) -> bool:
+    """The ``lm_eval``/``lm-eval`` console scripts or ``python -m lm_eval``."""
+    first = Path(argv[0]) if argv else Path()
+    return first.name in ("lm_eval", "lm-eval") or (first.name == "__main__.py" and first.parent.name == "lm_eval")
+
+
+def _user_errors_as_one_line() -> None:
+    """lm-eval's CLI lets every exception end in a traceback; a pieval UserError (a bad
+    model_arg or task metadata) already names the bad value and the fix, so the CLI prints
+    just that, like an argparse error. Other exceptions keep their traceback."""
+    from pieval.errors import UserError
+
+    previous = sys.excepthook
+    if getattr(previous, "pieval", False):
+        return
+
+    def hook(kind, value, tb):
+        if isinstance(value, UserError):
+            print(f"lm_eval: error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    hook.pieval = True
+    sys.excepthook = hook
 
 
 def include_tasks() -> None:

@@ -104,3 +104,18 @@ def test_console_script_of_this_interpreter(tiny_llama_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     check_pi_llama_run(results_json(tmp_path / "out"), "kjv_rolling", "word_perplexity,none")
+
+
+def test_bad_model_arg_through_the_cli_is_one_line_not_a_traceback(tiny_llama_dir, tmp_path):
+    script = Path(sys.executable).parent / "lm_eval"
+    if not (Path(sysconfig.get_paths()["purelib"]) / HOOK_PTH).is_file() or not script.is_file():
+        pytest.skip(f"pieval is not installed in {sys.prefix} (make venv installs it)")
+    result = subprocess.run(
+        [str(script), "--model", "pi_llama", "--model_args", f"pretrained={tiny_llama_dir},rope_method=bogus",
+         "--tasks", "kjv_rolling", "--include_path", str(FIXTURE_TASKS), "--limit", "1"],
+        cwd=tmp_path, env=clean_environ(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("lm_eval: error:")]
+    assert "bogus" in line, line
