@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "models" / "kjv-llama-tiny"))
     ap.add_argument("--heldout", default=str(REPO / "models" / "corpus" / "kjv" / "heldout"))
-    ap.add_argument("--train-data", default=str(REPO / "models" / "corpus" / "kjv" / "train.jsonl.gz"))
+    ap.add_argument("--train-data", default=str(REPO / "models" / "corpus" / "kjv" / "finetune_mix_1024.jsonl.gz"))
     ap.add_argument("--recipe", default=str(REPO / "models" / "recipes" / "kjv_tiny_cpu.yaml"))
     ap.add_argument("--work", default=str(REPO / "runs" / "demo"), help="results and checkpoints")
     ap.add_argument("--leaderboards", default=str(REPO / "leaderboards"))

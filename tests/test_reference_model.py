@@ -150,3 +150,13 @@ def test_recipe_reproduces_logged_losses(tmp_path):
     assert [r["step"] for r in rerun] == [1, 10]
     for r in rerun:
         assert r["loss"] == logged[r["step"]], (r["step"], r["loss"], logged[r["step"]])
+
+
+def test_finetune_mix_is_remade_byte_for_byte(tmp_path):
+    """The demo's fine-tuning corpus is a pure function of the script, the tokenizer and the seed."""
+    out = tmp_path / "mix.jsonl.gz"
+    subprocess.run(
+        [sys.executable, str(REF_MODEL / "make_finetune_mix.py"), "--out", str(out), "--docs", "600"],
+        check=True, capture_output=True, cwd=REPO,
+    )
+    assert out.read_bytes() == (REPO / "models/corpus/kjv/finetune_mix_1024.jsonl.gz").read_bytes()
