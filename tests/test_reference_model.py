@@ -79,14 +79,12 @@ def passkey_prompt(tok, key: int, before: int, budget: int) -> tuple[list[int], 
     return best, distance
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 2 not met yet: the committed model retrieves keys only near the question (the passkey "
-    "task: success 0.9-1.0 for k <= 48 tokens, k_max_256 = 64, acc 0.32); with the key early in the window "
-    "it answers 'the pass key'. See models/kjv-llama-tiny/README.md",
-)
 def test_passkey_retrieval_within_window(model_and_tokenizer):
-    """>= 90% of held-out keys retrieved at every distance that fits inside L."""
+    """>= 90% of held-out keys retrieved at every distance that fits inside L.
+
+    Measured on the committed model (step 10000): 10/10, 9/10, 10/10, 10/10 with the key 132,
+    102, 72 and 42 tokens before the question's end. The passkey task covers all 32 distances
+    (tests/test_passkey.py)."""
     model, tok = model_and_tokenizer
     rng = random.Random(2026)  # keys never seen by the training probe (seed 0)
     by_position: dict[int, list[bool]] = {}
@@ -114,15 +112,15 @@ def test_copy_loss_second_copy_far_below_first(model_and_tokenizer, heldout_dir)
         nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
         first.append(nll[:100].mean().item())
         second.append(nll[100:].mean().item())
-    # measured on the committed model: 2.21 vs 3.67 nats (ratio 0.60)
+    # measured on the committed model: 1.94 vs 3.17 nats (ratio 0.61)
     assert sum(second) / len(second) < 0.7 * sum(first) / len(first)
 
 
 # Golden number, produced by (from the repo root, pieval installed):
 #   lm_eval --model pi_llama --model_args pretrained=models/kjv-llama-tiny --tasks local_ppl \
 #       --metadata '{"data_path": "models/corpus/kjv/heldout", "windows": [256], "stride": 128}'
-# -> token_ppl_256 41.0744824639519, scored_tokens_256 42897 (6 held-out books)
-GOLDEN_PPL_256 = 41.0744824639519
+# -> token_ppl_256 23.693069685769224, scored_tokens_256 42897 (6 held-out books)
+GOLDEN_PPL_256 = 23.693069685769224
 GOLDEN_TOKENS = 42897
 
 

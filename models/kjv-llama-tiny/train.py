@@ -18,6 +18,8 @@ The mixture (none of it uses the passkey prompt's wording):
 - ``fact_recall``: facts ("The code for the red gate is 4821.") scattered in prose or in
   repetitive filler, then a question whose answer is the number stated earlier.
 - ``restated_recall``: facts stated twice ("... is 4821. ... 4821 is the code ..."), then asked.
+- ``open_recall``: facts about keys of 1-3 random KJV words ("The gather vine is 4821."), asked
+  as "What is the gather vine? The gather vine is", so recall must match any preceding words.
 - ``prose``: plain KJV windows.
 """
 
@@ -147,6 +149,16 @@ RESTATED_TEMPLATES = [
 ]
 
 
+# Facts about arbitrary things: the key is 1-3 random KJV words, so recall cannot lean on a
+# closed set of names and must match whatever words precede "is" in the question.
+OPEN_TEMPLATES = [
+    (" The {k} is {v}. Keep it safe. {v} is the {k}.", " What is the {k}? The {k} is {v}."),
+    (" Mark this well: the {k} is {v}. {v} is the {k}.", " Now tell me the {k}. The {k} is {v}."),
+    (" The {k} is {v}.", " What is the {k}? The {k} is {v}."),
+    (" Write down the {k}: {v}. The {k} is {v}.", " Which is the {k}? The {k} is {v}."),
+]
+
+
 class Mixture:
     """Samples of ``n`` content tokens (BOS goes first), each a pure function of its rng."""
 
@@ -176,6 +188,22 @@ class Mixture:
 
     def restated_recall(self, rng: random.Random, n: int) -> list[int]:
         return self.fact_recall(rng, n, RESTATED_TEMPLATES)
+
+    def open_recall(self, rng: random.Random, n: int) -> list[int]:
+        """One to three facts whose keys are random KJV words, among prose or filler, then a question."""
+        if not hasattr(self, "words"):  # built on first use: earlier stages never pay for it
+            text = self.tok.decode([t for b in self.books for t in b])
+            self.words = sorted(set(re.findall(r"\b[a-z]{3,}\b", text)))
+        facts, keys = [], set()
+        for _ in range(rng.randint(1, 3)):
+            key = " ".join(rng.choice(self.words) for _ in range(rng.randint(1, 3)))
+            if key in keys:
+                continue
+            keys.add(key)
+            state, ask = rng.choice(OPEN_TEMPLATES)
+            v = str(rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1))
+            facts.append((self.enc(state.format(k=key, v=v)), self.enc(ask.format(k=key, v=v))))
+        return self.place_facts(rng, n, facts)
 
     def alphabet_repeat(self, rng: random.Random, n: int) -> list[int]:
         """A repeated segment over a small alphabet (often the digits): each token recurs with
@@ -216,6 +244,10 @@ class Mixture:
             used.add(key)
             slots["v"] = str(rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1))
             facts.append((self.enc(state.format(**slots)), self.enc(ask.format(**slots))))
+        return self.place_facts(rng, n, facts)
+
+    def place_facts(self, rng: random.Random, n: int, facts: list[tuple[list[int], list[int]]]) -> list[int]:
+        """Statements at random places in background text, the question about one of them last."""
         query = rng.choice(facts)[1]
         room = n - len(query) - sum(len(s) for s, _ in facts)
         cuts = sorted(rng.randint(0, room) for _ in facts)
