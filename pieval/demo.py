@@ -57,7 +57,8 @@ def metadata(plan: DemoPlan, heldout: Path, base_window: int) -> dict:
         "data_path": str(heldout),
         "windows": list(plan.windows),
         "stride": plan.stride,
-        "lengths": [plan.scaling_factor * base_window],
+        # passkey at L too: what the model retrieves within its trained window, beside L'
+        "lengths": [base_window, plan.scaling_factor * base_window],
         "trials": plan.passkey_trials,
         "num_distances": plan.passkey_distances,
     }
