@@ -25,7 +25,7 @@ INT_COLUMNS = frozenset({"L", "L'", "steps", "length", "k_max", "window", "docs"
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL")
 # Original-window columns in the paper's order; lm-eval's `race` is RACE-high (dataset_name: high).
 ORIGINAL_WINDOW_COLUMNS = ("boolq", "piqa", "race_m", "race_h", "winogrande")
-# lm-eval's `race` is RACE-high; RACE-middle appears in the paper's reference rows only.
+# lm_eval task -> column; RACE-middle appears in the paper's reference rows only.
 ORIGINAL_WINDOW_TASK_COLUMN = {t: "race_h" if t == "race" else t for t in protocol.ORIGINAL_WINDOW_TASKS}
 
 
