@@ -21,7 +21,7 @@ import _common as c
 
 
 def main() -> int:
-    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
     from lm_eval.api.instance import Instance
     from transformers import AutoConfig, AutoTokenizer
 
@@ -52,9 +52,7 @@ def main() -> int:
         trials=args.trials or (2 if args.quick else 4),
         num_distances=args.num_distances or (4 if args.quick else 10),
     )
-    task_yaml = yaml.safe_load(
-        "\n".join(line for line in (c.REPO / "tasks/passkey/passkey.yaml").read_text().splitlines() if "!function" not in line)
-    )
+    task_yaml = load_yaml(c.REPO / "tasks/passkey/passkey.yaml", resolve_func=False)  # lm-eval's loader
     gen_kwargs = dict(task_yaml["generation_kwargs"], max_gen_toks=rows[0]["max_gen_toks"])
     requests = [
         Instance(request_type="generate_until", doc=row, arguments=(row["prompt"], dict(gen_kwargs)), idx=0) for row in rows

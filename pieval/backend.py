@@ -73,7 +73,7 @@ class PILlama(SlidingWindowMixin, HFLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):
-        return cls(**merge_cli_config(simple_parse_args_string(arg_string), additional_config))
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def _check_built(self, model) -> None:
         """An already-built model cannot be re-scaled (its inv_freq is fixed): only check it."""

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     L = rope.base_window(AutoConfig.from_pretrained(args.model))
     L_prime = plan.scaling_factor * L
-    model, rel = repo_relative(args.model), repo_relative
+    rel = repo_relative
+    model = rel(args.model)
     meta = json.dumps(metadata(plan, Path(rel(args.heldout)), L))
     py = sys.executable
     started = time.time()

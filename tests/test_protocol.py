@@ -14,8 +14,9 @@ from pieval.paths import tasks_dir
 
 
 def task_metadata(name: str) -> dict:
-    text = (tasks_dir() / "perplexity" / f"{name}.yaml").read_text()
-    return yaml.safe_load("\n".join(line for line in text.splitlines() if "!function" not in line))["metadata"]
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own loader; !function left unresolved
+
+    return load_yaml(tasks_dir() / "perplexity" / f"{name}.yaml", resolve_func=False)["metadata"]
 
 
 def test_perplexity_task_configs_follow_the_protocol():
