@@ -123,13 +123,11 @@ def test_collate_pads_only_when_needed():
     assert predicted_tokens([Example([1, 5, 6], [-100, 5, 6]), Example([1, 7], [-100, 7])]) == 3
 
 
-def test_govreport_example_masks_exactly_the_prompt(ref_model_dir):
-    from transformers import AutoTokenizer
-
+def test_govreport_example_masks_exactly_the_prompt(ref_tokenizer):
     from pieval import govreport
     from pieval.finetune.govreport import example_maker
 
-    tok = AutoTokenizer.from_pretrained(ref_model_dir)
+    tok = ref_tokenizer
     report = "In the beginning God created the heaven and the earth. " * 40
     summary = "God made the world in six days."
     ex = example_maker(tok, 1024)(Document("r", report, {"summary": summary}))

@@ -55,10 +55,10 @@ def test_loads_with_plain_transformers():
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def model_and_tokenizer(ref_tokenizer):
+    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(REF_MODEL).eval(), AutoTokenizer.from_pretrained(REF_MODEL)
+    return AutoModelForCausalLM.from_pretrained(REF_MODEL).eval(), ref_tokenizer
 
 
 def passkey_prompt(tok, key: int, before: int, budget: int) -> tuple[list[int], int]:
