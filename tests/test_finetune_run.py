@@ -358,6 +358,26 @@ def test_resume_runs_an_evaluation_the_killed_run_missed(tiny_llama_dir, heldout
     assert [json.loads(r)["step"] for r in results.read_text().splitlines()] == [0, 2]
 
 
+def test_no_process_passes_a_checkpoint_save_before_it_is_in_place(tmp_path):
+    """The race CI caught: rank 1 went on to load checkpoint-2 for evaluation while rank 0 was still
+    renaming it into place. Every barrier after the writes must come after the rename too."""
+    from pieval.finetune.checkpoint import _shared_tmp_dir
+
+    path = tmp_path / "checkpoint-000002"
+    seen = []
+
+    class MainProcess:
+        is_main_process, num_processes = True, 1
+
+        def wait_for_everyone(self):
+            seen.append(path.is_dir())
+
+    with _shared_tmp_dir(MainProcess(), path) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert seen == [False, True]  # writes done -> rename -> everyone released
+    assert (path / "config.json").is_file()
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_train_and_evaluate_like_one_and_resume(tiny_llama_dir, heldout_dir, reference_curve, tmp_path):
     """DDP over gloo (torchrun + accelerate): each process takes its slice of the same global batch,

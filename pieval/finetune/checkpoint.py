@@ -111,7 +111,11 @@ def _clear_run(output: Path) -> None:
 
 @contextlib.contextmanager
 def _shared_tmp_dir(accelerator, path: Path) -> Iterator[Path]:
-    """`atomic.directory` on the main process; every process writes into the same temporary dir."""
+    """`atomic.directory` on the main process; every process writes into the same temporary dir.
+
+    Two barriers: all writes land before the main process renames the directory into place, and
+    no process goes on (e.g. to load the checkpoint for evaluation) before that rename is done.
+    """
     from accelerate.utils import broadcast_object_list
 
     with atomic.directory(path) if accelerator.is_main_process else contextlib.nullcontext() as tmp:
@@ -120,6 +124,7 @@ def _shared_tmp_dir(accelerator, path: Path) -> Iterator[Path]:
             broadcast_object_list(shared)
         yield Path(shared[0])
         accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 def save_checkpoint(
