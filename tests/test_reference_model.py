@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,26 +136,39 @@ def test_heldout_perplexity_at_window_L_matches_golden(model_and_tokenizer, held
 
 
 def test_recipe_reproduces_logged_losses(tmp_path):
-    """Re-running the recipe's first 10 steps on CPU gives the committed log's losses exactly."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(REF_MODEL / name, tmp_path / name)
-    subprocess.run(
-        [sys.executable, str(REF_MODEL / "train.py"), "--recipe", str(REF_MODEL / "recipe.yaml"),
-         "--out", str(tmp_path), "--max-steps", "10"],
-        check=True, capture_output=True, cwd=REPO,
-    )
-    rerun = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    """Re-running the recipe's first 10 steps on CPU repeats itself bit for bit and gives the
+    committed log's losses to the last float32 bit.
+
+    Not always bit for bit across CPUs: on an AVX-512/AMX Xeon the step-1 loss (a forward pass
+    of the initial weights) came out one float32 ulp away from the log (7.609817981719971 vs
+    7.6098175048828125), with the same step-10 loss: the vectorised reduction of the mean loss
+    rounds differently per instruction set; the training itself did not diverge.
+    """
+    runs = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        out.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(REF_MODEL / name, out / name)
+        subprocess.run(
+            [sys.executable, str(REF_MODEL / "train.py"), "--recipe", str(REF_MODEL / "recipe.yaml"),
+             "--out", str(out), "--max-steps", "10"],
+            check=True, capture_output=True, cwd=REPO,
+        )
+        runs.append([(r["step"], r["loss"]) for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())])
+    assert runs[0] == runs[1]  # deterministic on this machine
     logged = {r["step"]: r["loss"] for r in map(json.loads, (REF_MODEL / "train_log.jsonl").read_text().splitlines())}
-    assert [r["step"] for r in rerun] == [1, 10]
-    for r in rerun:
-        assert r["loss"] == logged[r["step"]], (r["step"], r["loss"], logged[r["step"]])
+    assert [step for step, _ in runs[0]] == [1, 10]
+    for step, loss in runs[0]:
+        ulp = float(np.spacing(np.float32(logged[step])))
+        assert abs(loss - logged[step]) <= ulp, (step, loss, logged[step])
 
 
 def test_finetune_mix_is_remade_byte_for_byte(tmp_path):
     """The demo's fine-tuning corpus is a pure function of the script, the tokenizer and the seed."""
     out = tmp_path / "mix.jsonl.gz"
     subprocess.run(
-        [sys.executable, str(REF_MODEL / "make_finetune_mix.py"), "--out", str(out), "--docs", "600"],
+        [sys.executable, str(REF_MODEL / "make_finetune_mix.py"), "--out", str(out), "--docs", "2000"],
         check=True, capture_output=True, cwd=REPO,
     )
     assert out.read_bytes() == (REPO / "models/corpus/kjv/finetune_mix_1024.jsonl.gz").read_bytes()
