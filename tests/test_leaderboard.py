@@ -206,6 +206,20 @@ def test_plots_without_a_display(written, tmp_path):
             assert text in svg, (stem, text)
 
 
+def test_ft_lines_start_from_the_unmodified_model():
+    """The FT run's step 0 is the unmodified model (method "none"); its line must start there."""
+    from pieval.leaderboard import plots
+
+    rows = pd.DataFrame(
+        [("m", "none", 256, 0, 256, 256), ("m", "none", 1024, 0, 1024, 0), ("m", "FT", 1024, 500, 1024, 608),
+         ("m", "PI", 1024, 0, 1024, 0), ("m", "PI", 1024, 500, 1024, 96)],
+        columns=["base_model", "method", "L'", "steps", "length", "k_max"],
+    )  # fmt: skip
+    got = plots._with_ft_start(rows, ["base_model", "method", "length"])
+    lines = {k: sorted(g["steps"]) for k, g in got.groupby(["method", "L'"])}
+    assert lines == {("FT", 1024): [0, 500], ("PI", 1024): [0, 500], ("none", 256): [0]}
+
+
 def test_cli_plots_flag(tmp_path):
     assert main(["leaderboard", str(GOOD / "base"), "--out", str(tmp_path), "--plots"]) == 0
     assert (tmp_path / "plots" / "ppl_vs_window_local.png").stat().st_size > 0

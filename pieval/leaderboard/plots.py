@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -61,13 +62,13 @@ def ppl_vs_window(frame: pd.DataFrame, windows: list[str], dataset: str, out_dir
         ax.plot(xs, [float(row[str(w)]) for w in xs], marker="o", label=_label(row))
     for L in sorted(set(rows["L"])):
         ax.axvline(L, color="k", linestyle="--", linewidth=0.8)
-        ax.annotate(f"L={int(L)}", (L, 1), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8)
+        ax.annotate(f" L={int(L)}", (L, 0), xycoords=("data", "axes fraction"), ha="left", va="bottom", fontsize=8)
     for Lp in sorted(set(rows["L'"]) - set(rows["L"])):
         ax.axvline(Lp, color="grey", linestyle=":", linewidth=0.8)
-        ax.annotate(f"L'={int(Lp)}", (Lp, 1), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8)
+        ax.annotate(f"L'={int(Lp)} ", (Lp, 0), xycoords=("data", "axes fraction"), ha="right", va="bottom", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks([int(w) for w in windows], windows)
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xlabel(WINDOW_LABEL)
     ax.set_ylabel(PPL_LABEL)
     ax.set_title(f"{dataset}: perplexity vs evaluation window")
@@ -75,7 +76,28 @@ def ppl_vs_window(frame: pd.DataFrame, windows: list[str], dataset: str, out_dir
     return save(fig, out_dir, f"ppl_vs_window_{dataset}")
 
 
+def _with_ft_start(rows: pd.DataFrame, group: list[str]) -> pd.DataFrame:
+    """Direct fine-tuning starts from the unmodified model, whose step-0 row says method "none":
+    that row (same base model, L' and group keys) becomes the first point of the FT line."""
+    start = rows[(rows["method"] == "none") & (rows["steps"] == 0)]
+    keys = ["base_model", "L'", *(k for k in group if k not in ("base_model", "method"))]
+    ft = rows.loc[rows["method"] == "FT", keys].drop_duplicates()
+    if ft.empty or start.empty:
+        return rows
+    moved = start.merge(ft, on=keys).assign(method="FT")
+    alone = start.merge(ft, on=keys, how="left", indicator=True)["_merge"].eq("left_only").to_numpy()
+    return pd.concat([rows.drop(start.index[~alone]), moved], ignore_index=True)
+
+
+def _log_y(ax) -> None:
+    """Log scale with plain numbers (28, 100, 300) instead of 3x10^1-style ticks."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+
+
 def _lines(ax, rows: pd.DataFrame, group: list[str], x: str, y: str) -> None:
+    rows = _with_ft_start(rows, group)
     for key, g in rows.groupby(group, sort=True):
         g = g.sort_values(x, kind="mergesort")
         ax.plot(g[x].astype(float), g[y].astype(float), marker="o", label=" ".join(str(k) for k in key))
@@ -98,7 +120,7 @@ def ppl_vs_steps(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     rows = _measured(frame)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _lines(ax, rows, ["base_model", "method", "benchmark", "window"], "steps", "ppl")
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xlabel(STEPS_LABEL)
     ax.set_ylabel("perplexity at W = L' (log scale)")
     ax.set_title("perplexity at the target window vs fine-tune steps")

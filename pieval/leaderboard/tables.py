@@ -217,11 +217,14 @@ def columns(key_columns: tuple[str, ...], value_columns: list[str]) -> list[str]
 
 
 def ppl_vs_steps(ppl_cells: list[Cell]) -> list[Cell]:
-    """Perplexity at the target window W = L' of every extended or fine-tuned model (the paper's Table 3)."""
+    """Perplexity at the target window W = L' of every extended or fine-tuned model (the paper's Table 3).
+
+    An unmodified model run at L' > L is kept too: it is step 0 of direct fine-tuning (FT).
+    """
     return [
         Cell(c.rid, (*c.key, int(c.column)), "ppl", c.value, c.date, c.prov)
         for c in ppl_cells
-        if int(c.column) == c.rid.L_prime and (c.rid.method != "none" or c.rid.steps > 0)
+        if int(c.column) == c.rid.L_prime and (c.rid.method != "none" or c.rid.steps > 0 or c.rid.L_prime > c.rid.L)
     ]
 
 
