@@ -356,7 +356,8 @@ def train(r: Recipe, out: Path, max_steps: int | None = None, device: str = "cpu
     """Train (or resume) into ``out``; return the log records written by this call.
 
     The committed checkpoint was trained on CPU (``device="cpu"``), where the logged losses
-    repeat bit for bit on the same CPU (to a float32 ulp on another instruction set); other devices are for trying recipe variants quickly.
+    repeat bit for bit on the same CPU (to a float32 ulp on another instruction set); other
+    devices are for trying recipe variants quickly.
     """
     torch.set_num_threads(r.threads)
     out.mkdir(parents=True, exist_ok=True)
