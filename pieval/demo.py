@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--data", rel(args.train_data), "--method", method, "--scaling-factor", str(plan.scaling_factor),
                  "--max-steps", str(plan.finetune_steps), "--save-every", str(plan.eval_every),
                  "--global-batch", str(plan.finetune_batch), "--micro-batch", str(plan.finetune_batch),
-                 "--eval-tasks", "local_ppl,passkey", "--eval-every", str(plan.eval_every),
+                 "--eval-tasks", "local_ppl,passkey", "--eval-every", str(plan.eval_every), "--eval-log-samples",
                  "--eval-metadata", meta, "--output", rel(out), "--resume"],
                 work / "logs" / f"finetune_{method}.log",
             ))  # fmt: skip

@@ -200,6 +200,30 @@ def test_eval_tasks_run_on_each_checkpoint_and_build_a_table(tiny_llama_dir, hel
     assert (out / "checkpoint-000002").is_dir()  # eval-every adds checkpoints between save-every ones
 
 
+def test_eval_log_samples_feed_the_leaderboards_heat_map(tiny_llama_dir, tmp_path):
+    """--eval-log-samples writes lm-eval's samples files beside each results file, as the
+    `lm_eval --log_samples` CLI does, so `pieval leaderboard` draws the run's passkey heat map."""
+    from pieval.leaderboard import plots
+    from pieval.leaderboard.build import build
+
+    out = tmp_path / "run"
+    metadata = json.dumps({"lengths": [512], "trials": 1, "num_distances": 2})
+    rc = main(tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--eval-tasks", "passkey",
+                        "--eval-metadata", metadata, "--eval-log-samples"))  # fmt: skip
+    assert rc == 0
+    for step in ("checkpoint-000000", "checkpoint-000001"):
+        (results,) = (out / "eval" / step).glob("results_*.json")
+        date = results.name[len("results_") : -len(".json")]
+        samples = [json.loads(line) for line in (results.parent / f"samples_passkey_{date}.jsonl").read_text().splitlines()]
+        assert len(samples) == 2 and all("gen_args_0" in s["arguments"] for s in samples)
+        assert "samples" not in json.loads(results.read_text())
+    board = build([out])
+    success = plots.passkey_success(board, [])
+    assert sorted(rid.steps for rid in success[512]) == [0, 1]
+    assert main(["leaderboard", str(out), "--out", str(tmp_path / "boards"), "--plots"]) == 0
+    assert (tmp_path / "boards" / "plots" / "passkey_heatmap_512.png").stat().st_size > 0
+
+
 # ---------------------------------------------------------------- variants
 
 

@@ -86,6 +86,7 @@ class FinetuneConfig:
     eval_batch_size: int = _opt(1, "lm-eval batch size")
     eval_metadata: dict = _opt({}, 'lm-eval --metadata for the tasks, JSON, e.g. {"data_path": "books/"}')
     eval_include_path: str | None = _opt(None, "extra directory of lm-eval task YAMLs")
+    eval_log_samples: bool = _opt(False, "also write lm-eval's per-sample logs (as --log_samples); pieval leaderboard draws passkey heat maps from them")
     # Multi-process runs: the other processes wait at a barrier while the main one evaluates, and
     # torch's default process-group timeout (10 min for NCCL) is shorter than a long-context evaluation.
     barrier_timeout_min: int = _opt(180, "minutes processes may wait for each other (evaluations included)")
@@ -195,7 +196,8 @@ RUNTIME_FIELDS = frozenset(
     {
         "max_steps", "save_every", "keep_training_state", "resume", "overwrite", "micro_batch",
         "gradient_checkpointing", "attn_implementation", "eval_tasks", "eval_every", "eval_limit",
-        "eval_batch_size", "eval_metadata", "eval_include_path", "barrier_timeout_min", "log_with", "progress", "output",
+        "eval_batch_size", "eval_metadata", "eval_include_path", "eval_log_samples", "barrier_timeout_min", "log_with",
+        "progress", "output",
     }
 )  # fmt: skip
 

@@ -73,9 +73,11 @@ class Evaluator:
         limit: float | None = None,
         metadata: dict | None = None,
         include_path: str | None = None,
+        log_samples: bool = False,
     ):
         self.output, self.tasks, self.device = output, tasks, device
         self.batch_size, self.limit, self.metadata, self.include_path = batch_size, limit, metadata or {}, include_path
+        self.log_samples = log_samples
 
     def _task_manager(self, metadata: dict):
         """A TaskManager carrying ``metadata`` (lm-eval ignores simple_evaluate's when one is passed)."""
@@ -111,14 +113,22 @@ class Evaluator:
                 limit=self.limit,
                 # as lm-eval's CLI does: model_args reach the tasks as metadata (prompts sized in L')
                 task_manager=self._task_manager({**model_args, **self.metadata}),
-                log_samples=False,
+                log_samples=self.log_samples,
                 evaluation_tracker=tracker,
             )
         if results is None:  # non-zero rank of a distributed lm-eval run
             return {}
+        samples = results.pop("samples", None)
         results.update({"task_hashes": {}, **dataclasses.asdict(tracker.general_config_tracker)})
         date = datetime.now().isoformat().replace(":", "-")
         full = self.output / EVAL_DIR / checkpoint.name / f"results_{date}.json"
+        if samples:
+            # lm-eval's own writer, so the files are what `lm_eval --log_samples` writes
+            # (samples_<task>_<date>.jsonl beside results_<date>.json). They go first: the results
+            # file, written atomically, is what makes an evaluation count.
+            tracker.output_path, tracker.date_id = str(full), date
+            for task in results["configs"]:
+                tracker.save_results_samples(task_name=task, samples=samples[task])
         atomic.write_text(full, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
         row = {
             "step": step,

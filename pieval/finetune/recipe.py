@@ -218,7 +218,7 @@ def finetune(config: FinetuneConfig) -> Path:
     if config.eval_tasks:
         evaluator = Evaluator(
             output, config.eval_tasks, str(accelerator.device), config.eval_batch_size,
-            config.eval_limit, config.eval_metadata, config.eval_include_path,
+            config.eval_limit, config.eval_metadata, config.eval_include_path, config.eval_log_samples,
         )  # fmt: skip
     eval_every = config.eval_every or config.save_every
 
