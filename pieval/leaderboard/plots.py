@@ -84,9 +84,10 @@ def _with_ft_start(rows: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     ft = rows.loc[rows["method"] == "FT", keys].drop_duplicates()
     if ft.empty or start.empty:
         return rows
-    moved = start.merge(ft, on=keys).assign(method="FT")
-    alone = start.merge(ft, on=keys, how="left", indicator=True)["_merge"].eq("left_only").to_numpy()
-    return pd.concat([rows.drop(start.index[~alone]), moved], ignore_index=True)
+    marked = start.merge(ft, on=keys, how="left", indicator=True)  # one row per start row, in order
+    starts_ft = marked["_merge"].eq("both").to_numpy()
+    moved = marked[starts_ft].drop(columns="_merge").assign(method="FT")
+    return pd.concat([rows.drop(start.index[starts_ft]), moved], ignore_index=True)
 
 
 def _log_y(ax) -> None:
