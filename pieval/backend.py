@@ -10,13 +10,14 @@ the results JSON records the extension (``get_model_info``). Every HFLM model_ar
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pieval
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
-from pieval import rope
+from pieval import gguf, loading, rope
 from pieval.errors import UserError
 from pieval.perplexity import SlidingWindowMixin
 
@@ -38,6 +39,7 @@ class PILlama(SlidingWindowMixin, HFLM):
         context_length=None,
         rope_method: str = "pi",
         max_length: int | None = None,
+        gguf_file: str | None = None,
         **kwargs,
     ) -> None:
         # read by _get_config/_create_model, which HFLM.__init__ calls before it returns
@@ -53,7 +55,18 @@ class PILlama(SlidingWindowMixin, HFLM):
             flash_rotary.require_available()
         if not isinstance(pretrained, str):
             self._check_built(pretrained)
-        super().__init__(pretrained, max_length=max_length, **kwargs)
+        else:  # pretrained=path/to/model.gguf stands for pretrained=path/to,gguf_file=model.gguf
+            pretrained, gguf_file = gguf.split(pretrained, gguf_file)
+        self._gguf_file = gguf_file
+        super().__init__(pretrained, max_length=max_length, gguf_file=gguf_file, **kwargs)
+        start = self.window_start_token()
+        if not start["is_bos"]:
+            log.warning(
+                "windows and contexts start with %r (id %d, %s), not a BOS token: scores are not comparable "
+                "with tools that add nothing there (yarn's perplexity script differs by a few percent); pass "
+                "prefix_token_id=ID in model_args to choose the token",
+                start["token"], start["id"], start["source"],
+            )  # fmt: skip
         if max_length is None:
             self._max_length = self.rope.context_length
         elif int(max_length) > self.rope.context_length:
@@ -90,14 +103,20 @@ class PILlama(SlidingWindowMixin, HFLM):
     def _get_config(self, pretrained: str, **kwargs) -> None:
         try:
             super()._get_config(pretrained, **kwargs)
-        except OSError as e:
-            raise rope.checkpoint_error(pretrained, e) from e
+        except (OSError, ValueError) as e:
+            raise loading.not_found(loading.Source.of(pretrained, kwargs.get("gguf_file")), e) from e
+        if kwargs.get("gguf_file"):
+            path = Path(pretrained) / kwargs["gguf_file"]
+            if path.is_file():
+                gguf.check_rope_kept(gguf.read_metadata(path), self._config, str(path))
         self.rope = rope.resolve(self._config, **self._rope_request)
         rope.apply(self._config, self.rope)
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         # HFLM lets from_pretrained re-read config.json; hand it the extended config instead
         kwargs.setdefault("config", self._config)
+        if kwargs.get("gguf_file") and kwargs.get("quantization_config") is None:
+            kwargs.update(gguf.load_kwargs(kwargs["gguf_file"]))  # a dense model, as a checkpoint would be
         if self._fused_rotary(kwargs):
             from pieval import flash_rotary
 
@@ -159,6 +178,23 @@ class PILlama(SlidingWindowMixin, HFLM):
 
     # ------------------------------------------------------------------ provenance
 
+    def window_start_token(self) -> dict:
+        """The token lm-eval puts before every context, and pieval before every perplexity window."""
+        tok = self.tokenizer
+        token_id = self.prefix_token_id
+        if self.custom_prefix_token_id is not None:
+            source = "prefix_token_id from model_args"
+        elif tok.bos_token_id is not None:
+            source = "the tokenizer's BOS"
+        else:
+            source = "the tokenizer's EOS: it has no BOS, and lm-eval falls back to EOS"
+        return {
+            "id": token_id,
+            "token": tok.convert_ids_to_tokens(token_id),
+            "source": source,
+            "is_bos": tok.bos_token_id is not None and token_id == tok.bos_token_id,
+        }
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         model = self._model
@@ -174,6 +210,8 @@ class PILlama(SlidingWindowMixin, HFLM):
             "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "pretrained": self.pretrained if isinstance(self.pretrained, str) else type(self.pretrained).__name__,
+            "gguf_file": self._gguf_file,
+            "window_start_token": self.window_start_token(),
             "pieval_version": pieval.__version__,
         }
         return info

@@ -24,7 +24,6 @@ from functools import cache
 from typing import Any
 
 from lm_eval.api.metrics import mean
-from lm_eval.api.task import ConfigurableTask
 
 from pieval import documents
 from pieval.errors import UserError
@@ -35,7 +34,7 @@ from pieval.protocol import (
     GOVREPORT_TOP_P,
     GOVREPORT_VALIDATION_DOCS,
 )
-from pieval.task_model import TaskModel, check_generation_budget
+from pieval.task_model import GeneratedPromptTask, TaskModel, check_generation_budget
 
 PROMPT = "Read the following article and then summarize it.\n{document}\nNow summarize the above article.\nSummary:"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -155,14 +154,15 @@ def generate(
     return rows
 
 
-def build_dataset(**metadata: Any):
-    """``custom_dataset`` hook. Metadata keys: ``data_path``, ``split``, ``revision``, ``max_docs``,
-    ``max_doc_tokens``, ``max_gen_toks`` (plus ``greedy``, read by the task)."""
+def build_dataset(render=None, chat: bool = False, **metadata: Any):
+    """The task's documents, fitted to the window as sent after ``render`` (with a chat template too:
+    the prompt ends with "Summary:" in the user's turn either way). Metadata keys: ``data_path``,
+    ``split``, ``revision``, ``max_docs``, ``max_doc_tokens``, ``max_gen_toks`` (plus ``greedy``, read by the task)."""
     import datasets
 
     from pieval import task_model
 
-    model = task_model.from_metadata(metadata, "govreport_pi")
+    model = task_model.from_metadata(metadata, "govreport_pi", render)
     if metadata.get("data_path"):
         reports = iter_local(metadata["data_path"])
     else:
@@ -211,8 +211,11 @@ def generation_kwargs(greedy: bool, max_gen_toks: int) -> dict[str, Any]:
     }
 
 
-class GovReportTask(ConfigurableTask):
+class GovReportTask(GeneratedPromptTask):
     """``govreport_pi``: decoding and the generation budget come from metadata, like the data."""
+
+    TEXT_FIELD = "document"
+    build_dataset = staticmethod(build_dataset)
 
     def __init__(self, config: dict | None = None):
         config = {k: v for k, v in (config or {}).items() if k != "class"}

@@ -1,15 +1,21 @@
-"""`pieval info PATH`: a checkpoint's RoPE window as pi_llama will see it."""
+"""`pieval info PATH`: a checkpoint's RoPE window as pi_llama will see it.
+
+It reads config.json (or a GGUF file's header) directly, so it answers without importing torch
+or transformers (`pieval.loading.read_config`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from pieval import rope
+from pieval import loading, rope
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="checkpoint folder (with config.json) or hub model id")
+    parser.add_argument("path", help="checkpoint folder (with config.json), hub model id, or a .gguf file")
+    parser.add_argument("--gguf-file", help="a GGUF file inside PATH (as lm-eval's gguf_file=)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -39,7 +45,8 @@ LABELS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    info = {"checkpoint": args.path, **describe(rope.load_config(args.path))}
+    source = loading.Source.of(args.path, args.gguf_file, args.revision)
+    info = {"checkpoint": source.label, **describe(loading.read_config(source))}
     if args.json:
         print(json.dumps(info))
         return 0

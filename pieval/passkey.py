@@ -11,7 +11,11 @@ prompt (a key whose first token is the prompt's last token has k = 1). The grid 
 ``k_i = i * L' / n`` for i = 1..n, uniform over (0, L']; the ends of that grid cannot be met
 exactly (the question follows the key, the task description precedes it), so each prompt puts
 the key as close to ``k_i`` as the fixed text allows and logs the distance it really got.
-``k_max`` is reported on the grid, so a model that always answers gets k_max = L'.
+``k_max`` is reported in those real distances: the grid point's distance is the smallest
+distance its prompts really had (``achieved_distances``), so k_max never claims a distance no
+prompt had. ``k_tested`` is that distance for the last grid point, the farthest the run tested:
+a model that answers at every distance gets k_max = k_tested, a little under L' (the question and
+the answer's room follow the key).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from lm_eval.api.metrics import mean
-from lm_eval.api.task import ConfigurableTask
 
 from pieval.errors import UserError
 from pieval.protocol import (
@@ -34,7 +37,7 @@ from pieval.protocol import (
     PASSKEY_NUM_DISTANCES,
     PASSKEY_TRIALS,
 )
-from pieval.task_model import TaskModel, check_generation_budget
+from pieval.task_model import GeneratedPromptTask, TaskModel, check_generation_budget, log
 
 # The prompt of Mohtashami & Jaggi (2023), reused verbatim by the PI paper; lines joined by "\n"
 # as in their reference code.
@@ -44,7 +47,11 @@ TASK_DESCRIPTION = (
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
+QUESTION = "What is the pass key?"
+# Ends the paper's prompt. Under a chat template it opens the assistant's turn instead (lm-eval's
+# gen_prefix): inside the user's message a small instruct model often answers "The pass key is a
+# magical key..." (SmolLM2-135M-Instruct at 1024 tokens: 2 of 6 right; prefilled: 6 of 6).
+ANSWER_PREFIX = "The pass key is"
 
 DEFAULT_SEED = 0  # any fixed seed reproduces the same prompts; 0 unless --metadata seed=...
 DEFAULT_GEN_TOKS = 10  # room left for the answer: " 12345" is 6 tokens with digit-split tokenizers
@@ -69,24 +76,26 @@ def filler(words: int) -> str:
     return " ".join(_FILLER_WORDS[i % n] for i in range(words))
 
 
-def render(key: int, prefix_words: int, suffix_words: int) -> tuple[str, int]:
-    """The prompt and the character offset of the key in it."""
+def render(key: int, prefix_words: int, suffix_words: int, answer_turn: bool = False) -> tuple[str, int]:
+    """The prompt and the character offset of the key in it; ``answer_turn`` leaves ANSWER_PREFIX out."""
+    question = QUESTION if answer_turn else f"{QUESTION} {ANSWER_PREFIX}"
     head = "\n".join(p for p in (TASK_DESCRIPTION, filler(prefix_words)) if p) + "\n"
-    tail = "\n".join(p for p in (KEY_LINE.format(key=key), filler(suffix_words), QUESTION) if p)
+    tail = "\n".join(p for p in (KEY_LINE.format(key=key), filler(suffix_words), question) if p)
     return head + tail, len(head) + tail.index(str(key))
 
 
 class PromptBuilder:
     """Fits the filler before and after the key so a prompt has a given length and key distance."""
 
-    def __init__(self, model: TaskModel):
+    def __init__(self, model: TaskModel, answer_turn: bool = False):
         self._model = model
+        self._answer_turn = answer_turn
         self._cum = [0]  # tokens needed for the first w filler words, when tokenized alone
         self._starts: dict[tuple[int, int], tuple[int, int]] = {}  # warm starts per (length, distance)
 
     def measure(self, key: int, prefix_words: int, suffix_words: int) -> tuple[str, int, int]:
         """(text, length in tokens, distance of the key's first token from the end)."""
-        text, key_char = render(key, prefix_words, suffix_words)
+        text, key_char = render(key, prefix_words, suffix_words, self._answer_turn)
         ids, offsets = self._model.encode(text, offsets=True)
         first = next(i for i, (_, end) in enumerate(offsets) if end > key_char)
         return text, len(ids), len(ids) - first
@@ -166,14 +175,17 @@ def generate(
     num_distances: int = PASSKEY_NUM_DISTANCES,
     seed: int = DEFAULT_SEED,
     max_gen_toks: int = DEFAULT_GEN_TOKS,
+    answer_turn: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per prompt: length x distance x trial, keys drawn from ``Random(f"{seed}:{length}")``.
 
     Seeding per length makes a length's prompts the same whatever other lengths are requested.
+    With ``answer_turn`` (a chat template) the prompt stops at the question and the row's
+    ``answer_prefix`` holds the words that open the model's turn.
     """
     if trials < 1:
         raise UserError(f"passkey trials must be >= 1 (got {trials})")
-    builder = PromptBuilder(model)
+    builder = PromptBuilder(model, answer_turn)
     rows = []
     for length in lengths:
         if model.window is not None and length > model.window:
@@ -191,6 +203,7 @@ def generate(
                 rows.append(
                     {
                         "prompt": p.text,
+                        "answer_prefix": ANSWER_PREFIX if answer_turn else "",
                         "key": str(p.key),
                         "length": length,
                         "k": k,
@@ -226,19 +239,33 @@ def success_rates(outcomes: Iterable[tuple[int, bool]]) -> dict[int, float]:
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
+def achieved_distances(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """{grid distance: the smallest real distance of its prompts} from (k, k_tokens) pairs."""
+    reached: dict[int, int] = {}
+    for k, k_tokens in pairs:
+        reached[k] = min(reached.get(k, k_tokens), k_tokens)
+    return dict(sorted(reached.items()))
+
+
 def process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any]:
-    """Per prompt: ``acc_<L>`` (0/1) and the ``k_max_<L>`` item, which also logs the parsed answer."""
+    """Per prompt: ``acc_<L>`` (0/1) and the ``k_max_<L>``/``k_tested_<L>`` item, which also logs the answer."""
     answer = first_integer(results[0])
     correct = answer == int(doc["key"])
     length = doc["length"]
-    return {
-        f"acc_{length}": float(correct),
-        f"k_max_{length}": {"k": doc["k"], "k_tokens": doc["k_tokens"], "answer": answer, "correct": correct},
-    }
+    item = {"k": doc["k"], "k_tokens": doc["k_tokens"], "answer": answer, "correct": correct}
+    return {f"acc_{length}": float(correct), f"k_max_{length}": item, f"k_tested_{length}": item}
 
 
 def aggregate_k_max(items: list[Mapping[str, Any]]) -> int:
-    return k_max(success_rates((item["k"], item["correct"]) for item in items))
+    """k_max in real token distances (0 when the nearest grid point already fails)."""
+    grid_k = k_max(success_rates((item["k"], item["correct"]) for item in items))
+    return achieved_distances((item["k"], item["k_tokens"]) for item in items)[grid_k] if grid_k else 0
+
+
+def aggregate_k_tested(items: list[Mapping[str, Any]]) -> int:
+    """The real distance of the farthest grid point: the largest k_max the run could report."""
+    reached = achieved_distances((item["k"], item["k_tokens"]) for item in items)
+    return reached[max(reached)]
 
 
 def heat_map(samples: Iterable[Mapping[str, Any]]) -> dict[int, dict[int, float]]:
@@ -267,8 +294,8 @@ def _lengths(value: Any) -> list[int]:
     return list(dict.fromkeys(_positive_int(v, "lengths") for v in values))  # repeats run once
 
 
-def build_dataset(**metadata: Any):
-    """``custom_dataset`` hook: the prompts for ``metadata`` (task metadata merged with model_args).
+def build_dataset(render=None, chat: bool = False, **metadata: Any):
+    """The prompts for ``metadata`` (task metadata merged with model_args), as sent after ``render``.
 
     Keys: ``lengths`` (default: the model's L', else ``max_length``), ``trials``,
     ``num_distances``, ``seed``, ``max_gen_toks`` (tokens left free for the answer; the task
@@ -278,7 +305,7 @@ def build_dataset(**metadata: Any):
 
     from pieval import task_model
 
-    model = task_model.from_metadata(metadata, "passkey")
+    model = task_model.from_metadata(metadata, "passkey", render)
     if metadata.get("lengths") is not None:
         lengths = _lengths(metadata["lengths"])
     elif (default := model.context_length or model.window) is not None:
@@ -295,16 +322,56 @@ def build_dataset(**metadata: Any):
         num_distances=_positive_int(metadata.get("num_distances", PASSKEY_NUM_DISTANCES), "num_distances"),
         seed=metadata.get("seed", DEFAULT_SEED),
         max_gen_toks=_positive_int(metadata.get("max_gen_toks", DEFAULT_GEN_TOKS), "max_gen_toks"),
+        answer_turn=chat,
     )
     return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
 
 
-class PasskeyTask(ConfigurableTask):
+def grid_summary(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per length: the grid of distances asked for, the real distances and prompt lengths (for the results)."""
+    by_length: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_length[row["length"]].append(row)
+    out = {}
+    for length, items in sorted(by_length.items()):
+        reached = achieved_distances((r["k"], r["k_tokens"]) for r in items)
+        tokens = [r["prompt_tokens"] for r in items]
+        out[str(length)] = {
+            "grid": list(reached),
+            "achieved": list(reached.values()),  # the smallest real distance of each grid point's prompts
+            "prompts": len(items),
+            "prompt_tokens": [min(tokens), max(tokens)],
+            "max_gen_toks": items[0]["max_gen_toks"],
+        }
+    return out
+
+
+class PasskeyTask(GeneratedPromptTask):
     """The ``passkey`` task: a ConfigurableTask whose metrics are named after the lengths run.
 
     lm-eval's ``metric_list`` is static, and ``k_max`` needs its own aggregation over all prompts of
-    a length, so ``acc_<L>`` and ``k_max_<L>`` are registered once the prompts exist.
+    a length, so ``acc_<L>``, ``k_max_<L>`` and ``k_tested_<L>`` are registered once the prompts exist.
+    The grid and the distances really reached are written into the task's metadata, which lands in
+    the results file's ``configs``.
     """
+
+    TEXT_FIELD = "prompt"
+    build_dataset = staticmethod(build_dataset)
+
+    def _marker_doc(self, marker: str, chat: bool) -> dict:
+        return {**super()._marker_doc(marker, chat), "answer_prefix": ANSWER_PREFIX if chat else ""}
+
+    def _build(self, render=None, chat: bool = False):
+        dataset = super()._build(render, chat)
+        summary = grid_summary(dataset["test"])
+        self.config.metadata["prompts"] = summary
+        for length, s in summary.items():
+            log.info(
+                "passkey: %d prompts at length %s (%d distances from %d to %d tokens; prompts of %d-%d tokens "
+                "+ %d generated)", s["prompts"], length, len(s["grid"]), s["achieved"][0], s["achieved"][-1],
+                *s["prompt_tokens"], s["max_gen_toks"],
+            )  # fmt: skip
+        return dataset
 
     def __init__(self, config: dict | None = None):
         config = {k: v for k, v in (config or {}).items() if k != "class"}
@@ -317,6 +384,7 @@ class PasskeyTask(ConfigurableTask):
         for length in lengths:
             self._aggregation_list[f"acc_{length}"] = mean
             self._aggregation_list[f"k_max_{length}"] = aggregate_k_max
+            self._aggregation_list[f"k_tested_{length}"] = aggregate_k_tested
         self._metric_fn_list = dict.fromkeys(self._aggregation_list)
         self._higher_is_better = dict.fromkeys(self._aggregation_list, True)
 

@@ -19,9 +19,11 @@ padded token would make transformers build a W x W attention mask (see FACTS.md)
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,6 +34,8 @@ from pieval.errors import UserError
 from pieval.protocol import STRIDE
 
 REQUEST_TYPE = "loglikelihood_sliding"
+
+log = logging.getLogger("lm_eval.pieval")
 
 # Output-head rows per chunk: 128 x 32000 fp32 logits are 16 MB (plus as much for the
 # log-softmax), small next to the activations even at W = 2048.
@@ -229,6 +233,30 @@ def tail_nll(model: torch.nn.Module, input_ids: torch.Tensor, scored: int, head_
     return total
 
 
+@contextlib.contextmanager
+def layer_progress(model: torch.nn.Module, progress: tqdm | None) -> Iterator[list[int]]:
+    """Advance ``progress`` (counted in windows) a fraction per decoder layer, not once per window.
+
+    A 16384-token window takes minutes on a CPU; a bar that moves only when it ends looks hung.
+    Yields a one-item list: the number of windows in the forward pass under way.
+    """
+    rows = [0]
+    layers = getattr(model.get_decoder(), "layers", None) if progress is not None else None
+    if not layers:
+        yield rows
+        return
+
+    def tick(module, args, output) -> None:
+        progress.update(rows[0] / len(layers))
+
+    handles = [layer.register_forward_hook(tick) for layer in layers]
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def score_documents(
     model: torch.nn.Module,
     docs: Sequence[Sequence[int]],
@@ -249,7 +277,7 @@ def score_documents(
     for i, doc in enumerate(docs):
         for span in plan_windows(len(doc), window, stride):
             groups[span.length, span.scored].append((i, span))
-    with torch.inference_mode():
+    with torch.inference_mode(), layer_progress(model, progress) as rows:
         for length, scored in sorted(groups, reverse=True):
             items = groups[length, scored]
             for b in range(0, len(items), batch_size):
@@ -257,11 +285,13 @@ def score_documents(
                 ids = torch.tensor(
                     [[bos_id, *docs[i][s.start : s.end]] for i, s in batch], dtype=torch.long, device=device
                 )
+                start = progress.n if progress is not None else 0
+                rows[0] = len(batch)
                 nll = tail_nll(model, ids, scored, head_chunk_tokens).tolist()
                 for (i, _), value in zip(batch, nll, strict=True):
                     stats[i].add(value, scored)
-                if progress is not None:
-                    progress.update(len(batch))
+                if progress is not None:  # whole windows again, whatever the layer ticks summed to
+                    progress.update(start + len(batch) - progress.n)
     return stats
 
 
@@ -327,6 +357,19 @@ def metric_prefix(name: str) -> str:
 # --------------------------------------------------------------------------- lm-eval model side
 
 
+def plan_summary(jobs) -> str:
+    """What a run will score, said before it starts (so that a three-hour run can be stopped at once)."""
+    parts, through, docs, doc_tokens = [], 0, 0, 0
+    for scoring, windows, _, encoded in jobs:
+        lengths = [len(ids) for ids, _ in encoded]
+        docs, doc_tokens = docs + len(lengths), doc_tokens + sum(lengths)
+        for w in windows:
+            n = sum(count_windows(t, w, scoring.stride) for t in lengths)
+            through += n * w
+            parts.append(f"{n} window(s) of W={w} (stride {scoring.stride})")
+    return f"{docs} document(s) of {doc_tokens} tokens: {', '.join(parts)}; {through} tokens through the model"
+
+
 class SlidingWindowMixin:
     """Serves ``loglikelihood_sliding`` requests on an lm-eval ``HFLM``.
 
@@ -363,8 +406,11 @@ class SlidingWindowMixin:
         batch_size = self._detect_batch_size() if self.batch_size == "auto" else int(self.batch_size)
         bos = self.prefix_token_id
         self._sliding_check_model(bos)
+        if self.rank == 0:
+            log.info("sliding-window perplexity: %s", plan_summary(jobs))
         results: list[dict | None] = [None] * len(requests)
-        with tqdm(total=n_windows, desc="Sliding windows", disable=disable_tqdm or self.rank != 0) as bar:
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} windows [{elapsed}<{remaining}]"
+        with tqdm(total=n_windows, desc="Sliding windows", bar_format=bar_format, disable=disable_tqdm or self.rank != 0) as bar:
             for config, windows, indices, encoded in jobs:
                 token_ids = [ids for ids, _ in encoded]
                 per_window = {

@@ -15,11 +15,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from pieval.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # pieval method -> the transformers rope_type a model built with it runs
 ROPE_TYPES: dict[str, str] = {
@@ -52,23 +53,6 @@ class RopeSpec:
 
 # ---------------------------------------------------------------------------
 # reading a checkpoint config
-
-
-def load_config(pretrained: str, **kwargs):
-    """``AutoConfig.from_pretrained`` with a missing checkpoint turned into a one-line UserError."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(pretrained, **kwargs)
-    except OSError as e:
-        raise checkpoint_error(pretrained, e) from e
-
-
-def checkpoint_error(pretrained, error: Exception) -> UserError:
-    return UserError(
-        f"no checkpoint at {str(pretrained)!r} ({type(error).__name__}): pass the folder of a saved model "
-        "(with config.json), e.g. models/kjv-llama-tiny"
-    )
 
 
 def rope_parameters(config) -> dict[str, Any]:
@@ -266,22 +250,28 @@ def _write(config, spec: RopeSpec) -> None:
 # the math, and the check of a built model
 
 
+# torch is imported inside the functions that compute: reading a config (`pieval info`) needs none.
+
+
 def inv_freq(theta: float, dim: int, device=None) -> torch.Tensor:
     """Un-scaled RoPE inverse frequencies theta^(-2j/dim), fp32, computed as transformers does."""
+    import torch
+
     exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     return 1.0 / (theta**exponent)
 
 
 def pi_tables(
-    positions: torch.Tensor, base_inv_freq: torch.Tensor, factor: float, dtype: torch.dtype = torch.float32
+    positions: torch.Tensor, base_inv_freq: torch.Tensor, factor: float, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of the interpolated angles (m/s)·theta_j, shape ``positions.shape + (dim/2,)``.
 
     The half-split layout of flash-attn's ``apply_rotary_emb`` and transformers'
     ``rotate_half``. Angles are formed in fp32 (bf16 positions would collide past 256) and
-    only the final tables are cast to ``dtype``.
+    only the final tables are cast to ``dtype`` (default: kept in fp32).
     """
     angles = (positions.float() / factor)[..., None] * base_inv_freq.float().to(positions.device)
+    dtype = dtype or angles.dtype
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -291,6 +281,8 @@ def expected_rotary(config, spec: RopeSpec) -> tuple[torch.Tensor, float]:
     PI and plain RoPE are computed here (base / s); the other methods by transformers'
     own rope functions on a copy of the config with ``spec`` applied.
     """
+    import torch
+
     built = copy.deepcopy(config)
     if spec.method != AS_SAVED:
         _write(built, spec)
@@ -309,6 +301,8 @@ def verify(model, spec: RopeSpec) -> None:
     Expected values come from ``spec`` plus the model's head size; ``model.config``'s rope
     fields are deliberately not trusted (they may have been edited after the build).
     """
+    import torch
+
     rotary = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     if not rotary:
         raise RopeMismatchError(

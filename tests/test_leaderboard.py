@@ -65,14 +65,19 @@ def test_rows_hold_the_results_json_values(written):
 
 
 def test_passkey_rows_match_their_samples(written):
-    """k_max in passkey.csv is the one the samples log implies (pieval.passkey's definition)."""
+    """k_max and k_tested in passkey.csv are those the samples log implies: the grid's k_max, reported
+    as the smallest real distance of that grid point's prompts (pieval.passkey's definition)."""
     from pieval import passkey
 
     pk = pd.read_csv(written / "passkey.csv", dtype=str, keep_default_na=False)
     for _, row in pk[pk.source == "measured"].iterrows():
         rf = load(FIXTURES / row.results_file, row.results_file)
-        rates = passkey.heat_map(json.loads(line) for line in rf.samples["passkey"].read_text().splitlines())
-        assert int(row.k_max) == passkey.k_max(rates[int(row.length)])
+        samples = [json.loads(line) for line in rf.samples["passkey"].read_text().splitlines()]
+        grid_k = passkey.k_max(passkey.heat_map(samples)[int(row.length)])
+        docs = [s["doc"] for s in samples if s["doc"]["length"] == int(row.length)]
+        expected = min(d["k_tokens"] for d in docs if d["k"] == grid_k) if grid_k else 0
+        assert int(row.k_max) == expected
+        assert int(row.k_tested) == min(d["k_tokens"] for d in docs if d["k"] == max(d["k"] for d in docs))
 
 
 def test_rerun_is_byte_identical_whatever_the_input_order(written, tmp_path):
@@ -236,7 +241,7 @@ def test_claims_from_the_written_tables(written):
     by = {c.number: c for c in got}
     # the numbers shown are those of the CSVs
     assert "9.812 at W=256 -> 412.6 at W=512 (x42.0" in by["1"].measured
-    assert "FT 384 (200 steps) vs PI 1024 (200 steps)" in by["4"].measured
+    assert "FT 382 (200 steps) vs PI 945 (200 steps)" in by["4"].measured
     assert "(+3.2%;" in by["5"].measured
     assert str(by["3b"]).startswith("[PASS] (3b) PI + fine-tune: passkey k_max = L'")
     assert claims.summary(got).splitlines()[-1] == "6 PASS, 0 FAIL, 0 MISSING"

@@ -39,7 +39,8 @@ def _opt(default, help: str, **kw):
 @dataclass
 class FinetuneConfig:
     # --- what to fine-tune and how far to extend it
-    model: str | None = _opt(None, "base checkpoint: a local HF directory or a hub id (required)")
+    model: str | None = _opt(None, "base checkpoint: a local HF directory, a hub id, or a .gguf file (required)")
+    gguf_file: str | None = _opt(None, "a GGUF file inside --model's directory (loaded dequantized; checkpoints are plain safetensors)")
     scaling_factor: float | None = _opt(None, "s = L'/L, relative to the checkpoint's trained window L")
     context_length: int | None = _opt(None, "target window L' (alternative to --scaling-factor)")
     method: str = _opt("pi", "pi: Position Interpolation; none: the paper's direct fine-tuning baseline (train at L', rope unchanged)", choices=("pi", "none"))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pieval import rope
+from pieval import gguf, loading, rope
 from pieval.documents import HubSource, iter_documents
 from pieval.errors import UserError
 from pieval.finetune import checkpoint as ckpt
@@ -69,19 +69,11 @@ def enable_activation_checkpointing(model) -> None:
 
 def load_model(config: FinetuneConfig):
     """(model, tokenizer, rope spec, dtype to save in): the model built with the interpolation in place."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    remote = config.trust_remote_code
-    try:
-        hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=remote)
-        tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=remote)
-    except (OSError, ValueError) as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(
-                f"--model {config.model!r} runs its own Python code to load; pass --trust-remote-code "
-                "only if you trust that code"
-            ) from None
-        raise UserError(f"cannot load --model {config.model!r}: {str(e).splitlines()[0]}") from None
+    source = loading.Source.of(config.model, config.gguf_file, trust_remote_code=config.trust_remote_code)
+    hf_config = loading.load_config(source)
+    tokenizer = loading.load_tokenizer(source)
     if config.scaling_factor is None and config.context_length is None and rope.saved_factor(hf_config) == 1.0:
         raise UserError(
             f"--model {config.model} is not extended yet: pass --scaling-factor S or --context-length L' "
@@ -99,8 +91,9 @@ def load_model(config: FinetuneConfig):
     try:
         # fp32 master weights; accelerate's autocast gives the bf16 compute
         model = AutoModelForCausalLM.from_pretrained(
-            config.model, config=hf_config, dtype=torch.float32, trust_remote_code=remote, **kwargs
-        )
+            source.pretrained, config=hf_config, dtype=torch.float32,
+            trust_remote_code=source.trust_remote_code, **gguf.load_kwargs(source.gguf_file), **kwargs,
+        )  # fmt: skip
     except ValueError as e:
         raise UserError(f"cannot build a causal LM from {config.model!r}: {str(e).splitlines()[0]}") from None
     if config.method == "pi":

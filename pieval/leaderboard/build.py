@@ -59,7 +59,7 @@ def build(roots: list[str | Path], with_reference: bool = True) -> Leaderboard:
         add(f"ppl_{dataset}", (), windows, measured, reference.perplexity(dataset, (), windows))
 
     add("ppl_vs_steps", ("benchmark", "window"), ["ppl"], tables.ppl_vs_steps(ppl), reference.ppl_vs_steps(("benchmark", "window")))
-    add("passkey", ("length",), ["k_max", "acc"], cells["passkey"], reference.passkey(("length",)))
+    add("passkey", ("length",), list(tables.PASSKEY_METRICS), cells["passkey"], reference.passkey(("length",)))
     add("govreport", (), list(tables.ROUGE_METRICS), cells["govreport"], reference.govreport())
     ow = list(tables.ORIGINAL_WINDOW_COLUMNS)
     add("original_window", (), ow, cells["original_window"], reference.original_window(ow))

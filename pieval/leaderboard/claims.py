@@ -160,7 +160,13 @@ def check(leaderboard_dir: str | Path, L: int, L_prime: int, dataset: str | None
         claims.append(Claim("3b", "PI + fine-tune: passkey k_max = L'", MISSING, f"need passkey.csv with a fine-tuned PI model at length {L_prime}"))
     else:
         k = int(pk_pi["k_max"])
-        claims.append(Claim("3b", "PI + fine-tune: passkey k_max = L'", PASS if k == L_prime else FAIL, f"k_max {k} at length {L_prime} after {pk_pi['steps']} steps"))
+        # k_max is in real token distances: "= L'" means it reached the farthest distance tested
+        # (k_tested, a little short of L'); results that predate k_tested report the grid's L'
+        farthest = int(pk_pi["k_tested"]) if pk_pi.get("k_tested", "") != "" else L_prime
+        claims.append(
+            Claim("3b", "PI + fine-tune: passkey k_max = L'", PASS if k >= farthest else FAIL,
+                  f"k_max {k} at length {L_prime} after {pk_pi['steps']} steps (farthest distance tested {farthest})")
+        )
     if pk_pi is None or pk_ft is None:
         claims.append(Claim("4", "direct fine-tuning extends k_max less than PI", MISSING, f"need passkey.csv rows at length {L_prime} for both a fine-tuned PI and an FT model"))
     else:

@@ -74,7 +74,7 @@ def passkey(key_columns: tuple[str, ...]) -> pd.DataFrame:
         for step, k in zip(ref["steps"], r["k_max"])
         if k is not None
     ]
-    return _frame(records, key_columns, ["k_max", "acc"])
+    return _frame(records, key_columns, list(tables.PASSKEY_METRICS))
 
 
 def original_window(value_columns: list[str]) -> pd.DataFrame:

@@ -21,8 +21,9 @@ from pieval.leaderboard.results import Problem, ResultsFile
 ID_COLUMNS = ("source", "model", "base_model", "method", "L", "L'", "steps")
 # Last column: the paper table a reference row comes from (empty for measured rows).
 REFERENCE_COLUMN = "reference"
-INT_COLUMNS = frozenset({"L", "L'", "steps", "length", "k_max", "window", "docs", "stride", "seed"})
+INT_COLUMNS = frozenset({"L", "L'", "steps", "length", "k_max", "k_tested", "window", "docs", "stride", "seed"})
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL")
+PASSKEY_METRICS = ("k_max", "k_tested", "acc")
 # Original-window columns in the paper's order; lm-eval's `race` is RACE-high (dataset_name: high).
 ORIGINAL_WINDOW_COLUMNS = ("boolq", "piqa", "race_m", "race_h", "winogrande")
 # lm_eval task -> column; RACE-middle appears in the paper's reference rows only.
@@ -81,13 +82,16 @@ def perplexity_cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
 
 
 def passkey_cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
+    """k_max, acc and (in results that report it) k_tested, the farthest distance tested, per length."""
     m = metrics(rf, task)
     cells, rid = [], provenance.row_id(rf)
     for length in _suffix_ints(m, "k_max_"):
         if f"acc_{length}" not in m:
             raise ValueError(f"{rf.label}: {task} has k_max_{length} but no acc_{length}")
-        for col, name in (("k_max", f"k_max_{length}"), ("acc", f"acc_{length}")):
-            cells.append(Cell(rid, (length,), col, _number(m[name], name, rf, task), prov["date"], prov))
+        for col in PASSKEY_METRICS:
+            name = f"{col}_{length}"
+            if name in m:
+                cells.append(Cell(rid, (length,), col, _number(m[name], name, rf, task), prov["date"], prov))
     return cells
 
 
