@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv real-model test demo clean
+.PHONY: venv real-model test demo demo-real clean
 
 $(BIN)/pieval: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: venv real-model
 
 demo: venv
 	$(BIN)/python -m pieval.demo $(DEMO_ARGS)
+
+# The real-model half (SmolLM2-135M, L = 8192): about an hour on 2 CPU cores; resumable.
+demo-real: venv real-model
+	$(BIN)/python -m pieval.demo --real $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

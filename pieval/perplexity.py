@@ -241,7 +241,7 @@ def layer_progress(model: torch.nn.Module, progress: tqdm | None) -> Iterator[li
     Yields a one-item list: the number of windows in the forward pass under way.
     """
     rows = [0]
-    layers = getattr(model.get_decoder(), "layers", None) if progress is not None else None
+    layers = getattr(model.get_decoder(), "layers", None) if progress is not None and not progress.disable else None
     if not layers:
         yield rows
         return

@@ -14,6 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 REF_MODEL = REPO / "models" / "kjv-llama-tiny"
 HELDOUT = REPO / "models" / "corpus" / "kjv" / "heldout"
+# The real reference model, re-created by `make real-model` (which `make test` runs first).
+REAL_MODEL = REPO / "models" / "smollm2-135m" / "hf"
+REAL_GGUF = REPO / "models" / "smollm2-135m" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,6 +38,25 @@ def ref_tokenizer(ref_model_dir):
 @pytest.fixture(scope="session")
 def heldout_dir() -> Path:
     return HELDOUT
+
+
+def _made_by_recipe(path: Path) -> Path:
+    # a failure, not a skip: CI makes the model, so its absence is a broken set-up
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make real-model` (models/smollm2-135m/make.py) first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain checkpoint (L = 8192)."""
+    return _made_by_recipe(REAL_MODEL / "model.safetensors").parent
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    """The GGUF file the checkpoint was made from."""
+    return _made_by_recipe(REAL_GGUF)
 
 
 @pytest.fixture(scope="session")

@@ -294,3 +294,22 @@ def test_peft_adapter_loads_on_the_extended_model(tiny_llama_dir, tmp_path):
     lm = load(tiny_llama_dir, scaling_factor=4, peft=str(tmp_path))
     assert type(lm.model).__name__ == "PeftModel"  # verify() ran on the wrapped model
     assert lm.max_length == 4 * L
+
+
+def test_the_window_start_token_is_recorded_and_a_missing_bos_warned_about(tiny_llama_dir, tmp_path, caplog):
+    lm = load(tiny_llama_dir)
+    start = lm.get_model_info()["pieval"]["window_start_token"]
+    assert start == {"id": 1, "token": "<s>", "source": "the tokenizer's BOS", "is_bos": True}
+    # a tokenizer without BOS: lm-eval falls back to EOS, and pieval says so
+    import shutil
+
+    no_bos = tmp_path / "no_bos"
+    shutil.copytree(tiny_llama_dir, no_bos)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.bos_token = None
+    tok.save_pretrained(no_bos)
+    with caplog.at_level(logging.WARNING):
+        start = load(no_bos).get_model_info()["pieval"]["window_start_token"]
+    assert (start["id"], start["is_bos"]) == (tok.eos_token_id, False)
+    assert "it has no BOS" in start["source"]
+    assert "not a BOS token" in caplog.text and "prefix_token_id=ID" in caplog.text

@@ -265,6 +265,67 @@ def test_no_prompt_is_truncated_by_hflm(tiny_llama_dir, caplog):
         assert len(lm.tok_encode(s["arguments"][0][0])) == s["doc"]["prompt_tokens"] <= 256 - 10
 
 
+CHAT_TEMPLATE = (  # SmolLM2's, with its default system turn
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny model with a chat template on its tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat")
+    shutil.copytree(tiny_llama_dir, out, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def sent_key_distance(tokenizer, text: str, key: str, add_special_tokens: bool) -> int:
+    """Tokens from the key's first token to the end of the text lm-eval sent, found in that text."""
+    first_char = text.index(key)
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return len(enc["input_ids"]) - next(i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > first_char)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [{"apply_chat_template": True}, {"apply_chat_template": True, "system_instruction": "Answer with the key."},
+     {"system_instruction": "Answer with the key."}],
+    ids=["chat", "chat+system", "system"],
+)  # fmt: skip
+def test_prompts_are_sized_on_the_text_lm_eval_sends(chat_llama_dir, how, caplog):
+    """Lengths and distances of the wrapped text (chat template, system instruction), not of the bare prompt."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=str(chat_llama_dir), max_length=256, batch_size=8, device="cpu")
+    tm = TaskManager(
+        include_path=str(TASKS), include_defaults=False,
+        metadata={"pretrained": str(chat_llama_dir), "lengths": [256], "trials": 1, "num_distances": 4},
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        out = lm_eval.simple_evaluate(model=lm, tasks=["passkey"], task_manager=tm, log_samples=True, **how)
+    assert "Left truncation" not in caplog.text
+    chat = how.get("apply_chat_template", False)
+    for s in out["samples"]["passkey"]:
+        sent, doc = s["arguments"][0][0], s["doc"]
+        assert sent.startswith("<|im_start|>system\n") == chat
+        assert ("Answer with the key." in sent) == ("system_instruction" in how)
+        # under a chat template the answer phrase opens the assistant's turn (lm-eval's gen_prefix)
+        assert sent.endswith("<|im_start|>assistant\nThe pass key is" if chat else "What is the pass key? The pass key is")
+        ids = lm.tok_batch_encode([sent])[0][0]
+        assert len(ids) == doc["prompt_tokens"] == len(lm.tok_encode(sent)) <= 256 - passkey.DEFAULT_GEN_TOKS
+        assert sent_key_distance(lm.tokenizer, sent, doc["key"], not chat) == doc["k_tokens"]
+
+
 @pytest.mark.slow
 def test_stock_cli_runs_passkey_with_logged_samples(ref_model_dir, tiny_llama_dir, tmp_path):
     model = ref_model_dir if (ref_model_dir / "model.safetensors").exists() else tiny_llama_dir
@@ -285,6 +346,7 @@ def test_stock_cli_runs_passkey_with_logged_samples(ref_model_dir, tiny_llama_di
     assert {"length", "k", "k_tokens", "prompt_tokens", "key"} <= set(samples[0]["doc"])
     assert {"answer", "correct"} <= set(samples[0]["k_max_256"])
     assert "Left truncation" not in proc.stderr
+    assert "max_seq_lengths" not in proc.stderr  # lm-eval's ruler hint, for a key passkey does not read
 
 
 @pytest.mark.slow

@@ -334,3 +334,33 @@ def test_mixin_truncation_and_bytes(sliding_lm, heldout_dir):
 def test_mixin_rejects_window_beyond_max_length(sliding_lm):
     with pytest.raises(SlidingWindowError, match="exceed the model's max_length=256"):
         sliding_lm.loglikelihood_sliding([request("some text", windows=(512,), stride=256)])
+
+
+def test_the_bar_moves_layer_by_layer_and_ends_on_whole_windows(tiny_model):
+    """A long window on a CPU takes minutes: the bar advances a fraction per decoder layer."""
+    import io
+
+    from tqdm import tqdm
+
+    docs = random_docs([40, 83], tiny_model.config.vocab_size)
+    n = sum(count_windows(len(d), 16, 4) for d in docs)
+    seen = []
+    with tqdm(total=n, file=io.StringIO()) as bar:
+        original = bar.update
+        bar.update = lambda k=1: (original(k), seen.append(bar.n))[0]
+        score_documents(tiny_model, docs, 16, 4, bos_id=1, batch_size=3, progress=bar)
+        assert bar.n == pytest.approx(n)
+    layers = tiny_model.config.num_hidden_layers
+    fractions = [x for x in seen if abs(x - round(x)) > 1e-9]
+    assert len(fractions) >= n // 3 * (layers - 1)  # ticks inside every batch of windows
+    assert seen == sorted(seen)  # never backwards
+    assert not any(h for layer in tiny_model.model.layers for h in layer._forward_hooks.values())  # hooks removed
+
+
+def test_the_run_is_announced_before_it_starts(sliding_lm, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lm_eval.pieval"):
+        sliding_lm.loglikelihood_sliding([request("In the beginning God created " * 30, windows=(32, 64), stride=16)])
+    (line,) = [r.getMessage() for r in caplog.records if "sliding-window perplexity" in r.getMessage()]
+    assert "1 document(s) of" in line and "window(s) of W=32 (stride 16)" in line and "window(s) of W=64" in line
