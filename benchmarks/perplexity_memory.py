@@ -37,7 +37,7 @@ import sys
 import _common as c
 
 VARIANTS = ("pieval", "naive", "floor")
-# Targets from issue 7, evaluated at the largest window run.
+# The project's targets, evaluated at the largest window run.
 TARGET_MEMORY_RATIO = 8.0  # naive / pieval
 TARGET_TIME_RATIO = 1.05  # pieval / floor
 # Same-perplexity tolerance (relative): fp32 differs only by summation order.
