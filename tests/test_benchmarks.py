@@ -91,3 +91,17 @@ def test_perplexity_memory_on_the_real_model():
     assert re.search(r"^model: checkpoint .*vocab 49152, 30 layers", out, re.M), out[:1000]
     assert re.search(r"W=  256 naive  2 windows", out), out[-3000:]
     assert re.search(EXPECTED["perplexity_memory.py"][1], out), out[-3000:]
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_gpu_check_dry_run(stage, tmp_path):
+    """The GPU check runs only where a GPU is lent; its dry run keeps its commands in step with
+    the code (stage 2 validates its fine-tuning settings with pieval's own parser)."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), stage, "--dry-run"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DRY RUN" in proc.stdout and (tmp_path / f"{stage}.log").is_file()
+    if stage == "stage2":
+        assert "pieval finetune settings valid: 200 steps" in proc.stdout, proc.stdout[-3000:]
