@@ -123,10 +123,23 @@ def resolve_checkpoint(name: str, workdir: Path) -> tuple[Path, str]:
         return REF_MODEL, f"reference model {REF_MODEL.relative_to(REPO)}"
     if name == "random":
         return save_reference_standin(workdir / "standin"), "random stand-in with the reference model's shape and tokenizer"
+    return checkpoint_dir(name, "a Hugging Face checkpoint directory, 'reference' or 'random'"), f"checkpoint {name}"
+
+
+def checkpoint_dir(name: str, expected: str = "a Hugging Face checkpoint directory") -> Path:
+    """``--model NAME`` as a checkpoint folder, or exit naming what to pass."""
     path = Path(name)
     if not (path / "config.json").exists():
-        sys.exit(f"--model {name}: no config.json there; pass a Hugging Face checkpoint directory, 'reference' or 'random'")
-    return path, f"checkpoint {path}"
+        sys.exit(f"--model {name}: no config.json there; pass {expected}")
+    return path
+
+
+def load_checkpoint(path: str, device: str, dtype: str):
+    """A saved causal LM as it is (no interpolation), in ``dtype`` on ``device``, for inference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
 
 
 def save_reference_standin(out: Path) -> Path:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import _common as c
 
-TARGET_RATIO = 0.95  # pieval / Trainer tokens/s (issue 7)
+TARGET_RATIO = 0.95  # pieval / Trainer tokens/s (the project's target)
 DATA = c.REPO / "models" / "corpus" / "kjv" / "train.jsonl.gz"
 
 

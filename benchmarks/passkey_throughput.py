@@ -9,6 +9,7 @@ answer may in principle flip where two tokens are nearly tied; every differing a
 
     python benchmarks/passkey_throughput.py            # L' = 1024 (reference model x4), 40 prompts
     python benchmarks/passkey_throughput.py --quick    # 8 prompts
+    python benchmarks/passkey_throughput.py --model models/smollm2-135m/hf --scaling-factor 2 --length 1024
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def main() -> int:
     p.add_argument("--model", default="auto",
                    help="checkpoint dir, 'reference' (models/kjv-llama-tiny), 'random' (its shape, random "
                         "weights) or 'auto' (reference if its weights exist, else random)")  # fmt: skip
-    p.add_argument("--scaling-factor", type=float, default=4.0, help="PI factor s: prompts of L' = s x L tokens")
+    p.add_argument("--scaling-factor", type=float, default=4.0, help="PI factor s: the model's window is L' = s x L")
+    p.add_argument("--length", type=int,
+                   help="prompt length in tokens (default L'; shorter prompts keep a large model's run short on a CPU)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, help="B, compared with 1")
     p.add_argument("--num-distances", type=int, help="default 10; quick 4")
     p.add_argument("--trials", type=int, help="prompts per distance (default 4; quick 2)")
@@ -45,10 +48,15 @@ def main() -> int:
 
     spec = rope.resolve(AutoConfig.from_pretrained(model_dir), scaling_factor=args.scaling_factor)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    length = args.length or spec.context_length
+    if not 0 < length <= spec.context_length:
+        sys.exit(f"--length {length}: prompts must fit the extended window L' = {spec.context_length} "
+                 f"(L = {spec.base_window} x s = {spec.factor:g}); pass 1 <= --length <= {spec.context_length} "
+                 f"or a larger --scaling-factor")  # fmt: skip
     task_model = TaskModel(tokenizer, window=spec.context_length, add_special_tokens=True, context_length=spec.context_length)
     rows = passkey.generate(
         task_model,
-        [spec.context_length],
+        [length],
         trials=args.trials or (2 if args.quick else 4),
         num_distances=args.num_distances or (4 if args.quick else 10),
     )

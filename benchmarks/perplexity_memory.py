@@ -14,18 +14,22 @@ window scoring only the tokens the previous one did not):
   checks that it ran the very same windows.
 
 Each (variant, W) runs in a fresh worker process that builds the same random LLaMA-shaped model
-(vocabulary 32000, few narrow layers), runs the variant once on a few 64-token windows (so that
-library code paged in by the first call of each kernel does not count), then measures the peak
-memory above that state (in one worker, with glibc returning freed blocks: live tensors only)
-and the wall time of scoring the whole stream (in another, with the default allocator). Usage:
+(vocabulary 32000, few narrow layers) or, with ``--model PATH``, loads that checkpoint; runs the
+variant once on a few 64-token windows (so that library code paged in by the first call of each
+kernel does not count), then measures the peak memory above that state (in one worker, with
+glibc returning freed blocks: live tensors only) and the wall time of scoring the whole stream
+(on the CPU in another worker, with the default allocator). Usage:
 
     python benchmarks/perplexity_memory.py            # W = 1024..8192, stride 256
     python benchmarks/perplexity_memory.py --quick    # W = 256, 512, stride 128 (< 2 minutes on 2 cores)
     python benchmarks/perplexity_memory.py --device cuda
+    python benchmarks/perplexity_memory.py --model models/smollm2-135m/hf --windows 4096 8192 --windows-each 2
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -33,22 +37,34 @@ import sys
 import _common as c
 
 VARIANTS = ("pieval", "naive", "floor")
-# Targets from issue 7, evaluated at the largest window run.
+# The project's targets, evaluated at the largest window run.
 TARGET_MEMORY_RATIO = 8.0  # naive / pieval
 TARGET_TIME_RATIO = 1.05  # pieval / floor
 # Same-perplexity tolerance (relative): fp32 differs only by summation order.
 PPL_RTOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+# With --model, the stream is real text rather than random ids: memory and time do not depend on
+# the tokens, but a trained model's perplexity on random ids is huge and far from what users
+# score, so the printed perplexity would check nothing a reader can recognise. These six books
+# are public domain, held out of the training corpus, and 37k SmolLM2 tokens long.
+HELDOUT = c.REPO / "models" / "corpus" / "kjv" / "heldout"
 
 
 def main() -> int:
     p = c.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--model", metavar="PATH",
+                   help="a Hugging Face checkpoint to measure instead of the random model (fp32 on CPU); "
+                        "the stream is then the held-out KJV books in its tokenizer")  # fmt: skip
     p.add_argument("--windows", type=int, nargs="+", help="W values (default 1024 2048 4096 8192; quick: 256 512)")
     p.add_argument("--stride", type=int, help="S (default 256; quick 128)")
     p.add_argument("--tokens", type=int, help="length of the token stream (default: max W + 16 strides; quick: + 4)")
+    p.add_argument("--windows-each", type=int, metavar="N",
+                   help="instead of one stream for all W: each W its own stream of (W-1) + (N-1) x S tokens, "
+                        "which it scores in exactly N windows (a few windows of a large model at every W)")  # fmt: skip
     p.add_argument("--head-chunk", type=int, help="pieval's output-head rows per chunk (default: pieval's own)")
     p.add_argument("--seed", type=int, default=0)
     for field, default in vars(c.Shape()).items():
-        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=default, help="model shape")
+        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=argparse.SUPPRESS,
+                       help=f"random model's shape (default {default})")
     args = p.parse_args()
     if args.worker:
         c.report(worker(json.loads(args.worker)))
@@ -56,32 +72,65 @@ def main() -> int:
 
     windows = args.windows or ([256, 512] if args.quick else [1024, 2048, 4096, 8192])
     args.stride = args.stride or (128 if args.quick else 256)
-    tokens = args.tokens or max(windows) + (4 if args.quick else 16) * args.stride
+    if args.windows_each is not None and args.windows_each < 1:
+        p.error(f"--windows-each {args.windows_each}: pass a number of windows >= 1")
+    if args.windows_each is not None and args.tokens is not None:
+        p.error(f"--windows-each {args.windows_each} sets each stream's length: drop --tokens {args.tokens}")
+    tokens = {w: stream_length(args, w, windows) for w in windows}
     dtype = c.resolve_dtype(args.dtype, args.device)
-    shape = c.Shape(**{f: getattr(args, f) for f in vars(c.Shape())} | {"max_positions": max(max(windows), args.max_positions)})
+    given = {f: getattr(args, f) for f in vars(c.Shape()) if hasattr(args, f)}
+    if args.model and given:
+        p.error(f"--{next(iter(given)).replace('_', '-')} sets the random model's shape; --model {args.model} has its own")
+    shape = c.Shape(**given)
+    shape = dataclasses.replace(shape, max_positions=max(max(windows), shape.max_positions))
+    if args.model:
+        c.checkpoint_dir(args.model)
+        text_stream(args.model, max(tokens.values()))  # too little text: say so before any worker starts
     c.check_device(args.device)
     print(c.machine(args.device))
-    print(
-        f"model: random LLaMA, vocab {shape.vocab}, {shape.layers} layers, hidden {shape.hidden}, "
-        f"intermediate {shape.intermediate}, {shape.heads} heads, {dtype}; stream {tokens} tokens, stride {args.stride}"
-    )
+    if args.windows_each is None:
+        stream = f"stream {tokens[windows[0]]} tokens"
+    else:
+        stream = f"each W its own stream of (W-1) + {args.windows_each - 1} strides ({', '.join(map(str, tokens.values()))} tokens)"
+    print(f"model: {describe(args.model, shape)}, {dtype}; {stream}, stride {args.stride}")
 
     results: dict[tuple[str, int], dict] = {}
     for w in windows:
         for variant in VARIANTS:
-            spec = {"variant": variant, "window": w, "stride": args.stride, "tokens": tokens, "seed": args.seed,
-                    "device": args.device, "dtype": dtype, "shape": vars(shape), "head_chunk": args.head_chunk}  # fmt: skip
-            # memory and time in separate fresh workers: the allocator setting that makes the CPU
-            # peak exact slows allocation-heavy code (see _common.LIVE_MEMORY_ENV)
+            spec = {"variant": variant, "window": w, "stride": args.stride, "tokens": tokens[w], "seed": args.seed,
+                    "device": args.device, "dtype": dtype, "shape": vars(shape), "model": args.model,
+                    "head_chunk": args.head_chunk}  # fmt: skip
             r = results[variant, w] = c.run_worker(__file__, spec, live_memory=True)
-            timed = c.run_worker(__file__, spec)
-            if timed["ppl"] != r["ppl"]:
-                raise RuntimeError(f"{variant} at W={w}: ppl {timed['ppl']} in the timed run, {r['ppl']} in the memory run")
-            r["seconds"] = timed["seconds"]
+            if args.device == "cpu":
+                # time in a second fresh worker: the allocator setting that makes the CPU peak
+                # exact slows allocation-heavy code (see _common.LIVE_MEMORY_ENV); it does not
+                # touch GPU memory, so on CUDA the memory worker's time is the time
+                timed = c.run_worker(__file__, spec)
+                if timed["ppl"] != r["ppl"]:
+                    raise RuntimeError(f"{variant} at W={w}: ppl {timed['ppl']} in the timed run, {r['ppl']} in the memory run")
+                r["seconds"] = timed["seconds"]
             print(f"  W={w:5d} {variant:6s} {r['windows']} windows  peak {r['peak_mb']:8.1f} MiB  {r['seconds']:7.2f} s  ppl {r['ppl']:.6g}", flush=True)
     print(f"memory: {results['pieval', windows[0]]['memory_method']}, above the loaded model "
           f"({results['pieval', windows[0]]['model_mb']:.0f} MiB of weights)")
     return summarize(results, windows, dtype)
+
+
+def stream_length(args, window: int, windows: list[int]) -> int:
+    if args.windows_each is not None:
+        return window - 1 + (args.windows_each - 1) * args.stride
+    return args.tokens or max(windows) + (4 if args.quick else 16) * args.stride
+
+
+def describe(model: str | None, shape: c.Shape) -> str:
+    if model is None:
+        return (f"random LLaMA, vocab {shape.vocab}, {shape.layers} layers, hidden {shape.hidden}, "
+                f"intermediate {shape.intermediate}, {shape.heads} heads")  # fmt: skip
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    return (f"checkpoint {model} ({cfg.model_type}, vocab {cfg.vocab_size}, {cfg.num_hidden_layers} layers, "
+            f"hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, trained window "
+            f"{cfg.max_position_embeddings}); text: the held-out KJV books in its tokenizer")  # fmt: skip
 
 
 def summarize(results: dict, windows: list[int], dtype: str) -> int:
@@ -146,12 +195,15 @@ def worker(spec: dict) -> dict:
     from pieval.perplexity import HEAD_CHUNK_TOKENS, plan_windows, score_documents
 
     device, window, stride = spec["device"], spec["window"], spec["stride"]
-    shape = c.Shape(**spec["shape"])
-    model = c.random_model(shape, spec["seed"], device, spec["dtype"])
+    if spec["model"]:
+        model = c.load_checkpoint(spec["model"], device, spec["dtype"])
+        bos, doc = text_stream(spec["model"], spec["tokens"])
+    else:
+        model = c.random_model(c.Shape(**spec["shape"]), spec["seed"], device, spec["dtype"])
+        gen = torch.Generator().manual_seed(spec["seed"] + 1)
+        bos = 1
+        doc = torch.randint(3, model.config.vocab_size, (spec["tokens"],), generator=gen).tolist()
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    gen = torch.Generator().manual_seed(spec["seed"] + 1)
-    bos = 1
-    doc = torch.randint(3, shape.vocab, (spec["tokens"],), generator=gen).tolist()
     spans = plan_windows(len(doc), window, stride)
     chunk = spec["head_chunk"] or HEAD_CHUNK_TOKENS
 
@@ -203,8 +255,26 @@ def worker(spec: dict) -> dict:
         "windows": len(spans),
         "memory_method": probe.method,
         "model_mb": model_mb,
-        "vocab": shape.vocab,
+        "vocab": model.config.vocab_size,
     }
+
+
+def text_stream(model: str, tokens: int) -> tuple[int, list[int]]:
+    """(BOS id, the first ``tokens`` tokens of the held-out books, sorted by name, joined by EOS)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    if tok.bos_token_id is None or tok.eos_token_id is None:
+        sys.exit(f"--model {model}: its tokenizer has no BOS or EOS token, which the windows and the stream need")
+    stream: list[int] = []
+    for book in sorted(HELDOUT.glob("*.txt")):
+        if len(stream) >= tokens:
+            break
+        stream += tok(book.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if len(stream) < tokens:
+        sys.exit(f"a stream of {tokens} tokens: the held-out books in {HELDOUT} are {len(stream)} tokens of this "
+                 f"tokenizer; pass --tokens (or W, --windows-each, --stride) for at most {len(stream)}")  # fmt: skip
+    return tok.bos_token_id, stream[:tokens]
 
 
 if __name__ == "__main__":

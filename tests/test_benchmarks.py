@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+REAL_MODEL = REPO / "models" / "smollm2-135m" / "hf"
 NUMBER = r"([0-9.eE+-]+)"
 
 # script -> (ratio lines that must appear, the correctness line that must say ok)
@@ -47,16 +49,22 @@ EXPECTED = {
 }  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_quick_mode_runs_and_reports(script):
+def run_benchmark(script: str, *args: str) -> str:
+    """The script's stdout, after checking it exited 0 and named its machine first."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300
     )
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     assert out.startswith("machine: "), out[:500]  # every table names the machine it came from
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_quick_mode_runs_and_reports(script):
+    out = run_benchmark(script, "--quick")
     ratios, correctness = EXPECTED[script]
     for pattern in ratios:
         match = re.search(pattern, out)
@@ -69,3 +77,31 @@ def test_quick_mode_runs_and_reports(script):
         for variant in ("pieval", "naive", "floor"):
             match = re.search(rf"LINEAR memory {variant}: {NUMBER} KiB per window token", out)
             assert match and math.isfinite(float(match.group(1))), out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_perplexity_memory_on_the_real_model():
+    """--model on SmolLM2-135M: two 256-token windows of real text per worker (~70 s on one core)."""
+    if not (REAL_MODEL / "config.json").is_file():
+        pytest.fail(f"the real reference model is missing at {REAL_MODEL}: run `make real-model`")
+    out = run_benchmark(
+        "perplexity_memory.py", "--model", str(REAL_MODEL), "--windows", "256", "--stride", "128", "--windows-each", "2"
+    )
+    assert re.search(r"^model: checkpoint .*vocab 49152, 30 layers", out, re.M), out[:1000]
+    assert re.search(r"W=  256 naive  2 windows", out), out[-3000:]
+    assert re.search(EXPECTED["perplexity_memory.py"][1], out), out[-3000:]
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_gpu_check_dry_run(stage, tmp_path):
+    """The GPU check runs only where a GPU is lent; its dry run keeps its commands in step with
+    the code (stage 2 validates its fine-tuning settings with pieval's own parser)."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), stage, "--dry-run"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DRY RUN" in proc.stdout and (tmp_path / f"{stage}.log").is_file()
+    if stage == "stage2":
+        assert "pieval finetune settings valid: 200 steps" in proc.stdout, proc.stdout[-3000:]

