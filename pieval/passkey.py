@@ -50,7 +50,8 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key?"
 # Ends the paper's prompt. Under a chat template it opens the assistant's turn instead (lm-eval's
 # gen_prefix): inside the user's message a small instruct model often answers "The pass key is a
-# magical key..." (SmolLM2-135M-Instruct at 1024 tokens: 2 of 6 right; prefilled: 6 of 6).
+# magical key..." (SmolLM2-135M-Instruct, --apply_chat_template, length 1024, 8 distances x 2 keys:
+# 7 of 16 right that way, 15 of 16 with the prefilled turn).
 ANSWER_PREFIX = "The pass key is"
 
 DEFAULT_SEED = 0  # any fixed seed reproduces the same prompts; 0 unless --metadata seed=...
