@@ -10,7 +10,6 @@ the results JSON records the extension (``get_model_info``). Every HFLM model_ar
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pieval
 from lm_eval.models.huggingface import HFLM
@@ -106,9 +105,7 @@ class PILlama(SlidingWindowMixin, HFLM):
         except (OSError, ValueError) as e:
             raise loading.not_found(loading.Source.of(pretrained, kwargs.get("gguf_file")), e) from e
         if kwargs.get("gguf_file"):
-            path = Path(pretrained) / kwargs["gguf_file"]
-            if path.is_file():
-                gguf.check_rope_kept(gguf.read_metadata(path), self._config, str(path))
+            gguf.check_loaded(pretrained, kwargs["gguf_file"], self._config)
         self.rope = rope.resolve(self._config, **self._rope_request)
         rope.apply(self._config, self.rope)
 

@@ -38,6 +38,19 @@ def split(pretrained: str, gguf_file: str | None) -> tuple[str, str | None]:
     return str(pretrained), gguf_file
 
 
+def path_of(folder: str, gguf_file: str) -> Path:
+    """The file ``from_pretrained(folder, gguf_file=...)`` reads when it is local."""
+    path = Path(gguf_file).expanduser()
+    return path if path.is_absolute() else Path(folder).expanduser() / path
+
+
+def check_loaded(folder: str, gguf_file: str, config) -> None:
+    """After transformers built ``config`` from a local GGUF file: refuse it if it lost the file's rope scaling."""
+    path = path_of(folder, gguf_file)
+    if path.is_file():  # a file on the hub was read by transformers itself; its header is not here
+        check_rope_kept(read_metadata(path), config, str(path))
+
+
 def load_kwargs(gguf_file: str | None) -> dict[str, Any]:
     """``from_pretrained`` kwargs that load ``gguf_file`` as a plain dense model ({} without one).
 

@@ -104,17 +104,24 @@ def not_found(source: Source, error: Exception) -> UserError:
 
 
 def load_config(source: Source):
-    """``AutoConfig.from_pretrained`` with a model that is not there turned into a one-line UserError."""
+    """``AutoConfig.from_pretrained`` with a model that is not there turned into a one-line UserError.
+
+    A GGUF file's config is checked for a rope scaling transformers' GGUF loader dropped.
+    """
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.pretrained, **source.kwargs())
+        config = AutoConfig.from_pretrained(source.pretrained, **source.kwargs())
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and "trust_remote_code" in str(e):
             raise UserError(
-                f"{source.label!r} runs its own Python code to load: pass trust_remote_code=True (pieval finetune: --trust-remote-code) only if you trust that code"
+                f"{source.label!r} runs its own Python code to load: pass trust_remote_code=True "
+                "(pieval finetune: --trust-remote-code) only if you trust that code"
             ) from None
         raise not_found(source, e) from e
+    if source.gguf_file is not None:
+        gguf.check_loaded(source.pretrained, source.gguf_file, config)
+    return config
 
 
 def load_tokenizer(source: Source, add_bos_token: bool | None = None):
@@ -136,9 +143,7 @@ def read_config(source: Source):
     The fields are the ones transformers reports (``tests/test_loading.py`` compares them).
     """
     if source.gguf_file is not None:
-        path = Path(source.gguf_file)
-        path = path if path.is_absolute() else Path(source.pretrained) / path
-        metadata = gguf.read_metadata(path)
+        metadata = gguf.read_metadata(gguf.path_of(source.pretrained, source.gguf_file))
         view = types.SimpleNamespace(**gguf.config_fields(metadata), _name_or_path=source.label)
         gguf.check_rope_kept(metadata, view, source.label)
         return view
