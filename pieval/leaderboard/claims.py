@@ -1,6 +1,6 @@
 """The paper's qualitative claims, checked against the measured rows of written leaderboards.
 
-``shared/PAPER.md``, "What the paper's claims look like at any scale": (1) the base model's
+The paper's qualitative findings, as they should show at any scale: (1) the base model's
 perplexity explodes just past L; (2) PI without fine-tuning stays finite and moderate up to
 L'; (3) PI plus a short fine-tune gives perplexity that falls as the window grows to L', and
 passkey k_max = L'; (4) direct fine-tuning extends k_max less; (5) quality at windows <= L
