@@ -115,8 +115,8 @@ def load_config(source: Source):
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and "trust_remote_code" in str(e):
             raise UserError(
-                f"{source.label!r} runs its own Python code to load: pass trust_remote_code=True "
-                "(pieval finetune: --trust-remote-code) only if you trust that code"
+                f"{source.label!r} runs its own Python code to load: allow it (model_args trust_remote_code, "
+                "pieval finetune --trust-remote-code) only if you trust that code"
             ) from None
         raise not_found(source, e) from e
     if source.gguf_file is not None:

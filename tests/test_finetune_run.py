@@ -360,7 +360,7 @@ def test_remote_code_is_refused_unless_asked(tmp_path, capsys):
     (model / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoConfig": "configuration_mine.MineConfig"}}))
     (model / "configuration_mine.py").write_text("raise SystemExit('remote code ran')\n")
     assert main(tiny_args(model, tmp_path / "o")) == 2
-    assert "runs its own Python code to load: pass trust_remote_code=True (pieval finetune: --trust-remote-code) only if you trust that code" in capsys.readouterr().err
+    assert "runs its own Python code to load: allow it (model_args trust_remote_code, pieval finetune --trust-remote-code) only if you trust that code" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
