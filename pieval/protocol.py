@@ -6,7 +6,6 @@ reader can check them against the paper at a glance. Section numbers are the pap
 
 # Sliding-window perplexity (Sec. 3.2, following Press et al. 2022).
 STRIDE = 256  # tokens scored per window after the first
-PG19_TEST_BOOKS = 100  # the whole PG-19 test split
 PROOFPILE_DOCS = 128  # random proof-pile test documents ...
 PROOFPILE_MIN_TOKENS = 32768  # ... with at least this many LLaMA tokens, truncated to it
 
