@@ -38,6 +38,10 @@ EXPECTED = {
         [r"RATIO prompts/s batch 8 / batch 1: " + NUMBER + "x"],
         r"SAME-ANSWERS batch 8 vs batch 1: (\d+)/\1 identical: ok",
     ),
+    "hook_startup.py": (
+        [r"RATIO start-up hook on/off: " + NUMBER + "x"],
+        r"SAME-IMPORTS at start-up with the hook: .* \(expected pieval, pieval.hook only\): ok",
+    ),
     "finetune_throughput.py": (
         [r"RATIO tokens/s pieval/Trainer, checkpointing off: " + NUMBER,
          r"RATIO tokens/s pieval/Trainer, checkpointing on: " + NUMBER,
