@@ -1,6 +1,6 @@
 """The committed reference model: a plain LLaMA checkpoint that reads prose and retrieves.
 
-The retrieval check builds the paper's passkey prompt itself (from shared/PAPER.md's text)
+The retrieval check builds the paper's passkey prompt itself (the text of Chen et al. 2023, Sec. 3.3)
 instead of calling pieval.passkey, so a bug there cannot hide a model that does not retrieve.
 """
 
