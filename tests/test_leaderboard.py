@@ -67,13 +67,14 @@ def test_rows_hold_the_results_json_values(written):
 def test_passkey_rows_match_their_samples(written):
     """k_max and k_tested in passkey.csv are those the samples log implies: the grid's k_max, reported
     as the smallest real distance of that grid point's prompts (pieval.passkey's definition)."""
-    from pieval import passkey
+    from pieval import passkey_math
+    from pieval.leaderboard import heatmap
 
     pk = pd.read_csv(written / "passkey.csv", dtype=str, keep_default_na=False)
     for _, row in pk[pk.source == "measured"].iterrows():
         rf = load(FIXTURES / row.results_file, row.results_file)
         samples = [json.loads(line) for line in rf.samples["passkey"].read_text().splitlines()]
-        grid_k = passkey.k_max(passkey.heat_map(samples)[int(row.length)])
+        grid_k = passkey_math.k_max(heatmap.heat_map(samples)[int(row.length)])
         docs = [s["doc"] for s in samples if s["doc"]["length"] == int(row.length)]
         expected = min(d["k_tokens"] for d in docs if d["k"] == grid_k) if grid_k else 0
         assert int(row.k_max) == expected
@@ -309,13 +310,13 @@ def test_finetune_step_from_a_pieval_finetune_run_dir(tmp_path):
 @pytest.mark.parametrize(
     "drop, message, kept, lost",
     [
-        ("passkey/acc_1024,none", "x.json: passkey has k_max_1024 but no acc_1024; that row is not written", "perplexity", "passkey"),
+        ("passkey/acc_1024,none", "x.json: passkey has k_max_1024 but no acc_1024; that row is not written", "ppl", "passkey"),
         (
             "local_ppl/token_ppl_1024,none",
             "x.json: local_ppl has no token_ppl_1024 (windows [1024]) though other metrics of that window are "
             "there; re-run the task with pieval's perplexity tasks; that row is not written",
             "passkey",
-            "perplexity",
+            "ppl",
         ),
     ],
 )
@@ -346,5 +347,5 @@ def test_exploded_perplexity_is_written_as_inf():
     rf = _rf()
     rf.data["results"]["local_ppl"]["token_ppl_1024,none"] = float("inf")
     board = build.Leaderboard({}, {}, [rf], [])
-    frame = tables.assemble(tables.collect([rf], board.problems)["perplexity"], (), ["256", "512", "1024"], board.problems)
+    frame = tables.assemble(tables.collect([rf], board.problems)["ppl"], (), ["256", "512", "1024"], board.problems)
     assert build.csv_text(frame, ["256", "512", "1024"]).splitlines()[1].split(",")[7:10] == ["11.9021", "11.2037", "inf"]
