@@ -188,7 +188,8 @@ def _truncation(max_doc_tokens, cut=None) -> str:
     return f"first {max_doc_tokens} tokens" + (f" ({cut} docs cut)" if cut is not None else "")
 
 
-from collections.abc import Callable  # noqa: E402  (imported beside the per-task fields, their only users)
+# Imported here, beside the per-task part that alone uses them.
+from collections.abc import Callable  # noqa: E402
 
 from pieval.protocol import GOVREPORT_MAX_DOC_TOKENS, PASSKEY_SEED  # noqa: E402
 
@@ -253,11 +254,11 @@ def _date(rf: ResultsFile) -> str:
     return str(d)
 
 
-def columns(rf: ResultsFile, task: str, task_fields: Callable[[ResultsFile, str], dict]) -> dict[str, object]:
-    """The provenance columns of ``task``'s row; ``task_fields``: its table's ``fields`` function."""
+def columns(rf: ResultsFile, task: str, fields: Callable[[ResultsFile, str], dict]) -> dict[str, object]:
+    """The provenance columns of ``task``'s row; ``fields``: its table's (`tables.Table.fields`)."""
     require(rf)
     pv, cfg = _pieval(rf), rf.data["config"]
-    task_fields = {**TASK_FIELD_DEFAULTS, **task_fields(rf, task)}
+    task_fields = {**TASK_FIELD_DEFAULTS, **fields(rf, task)}
     return {
         "model_revision": cfg.get("model_revision"),
         "model_sha": _first(pv.get("model_sha"), cfg.get("model_sha")),
