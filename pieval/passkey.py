@@ -31,10 +31,11 @@ from typing import Any
 from lm_eval.api.metrics import mean
 
 from pieval.errors import UserError
+from pieval.passkey_math import achieved_distances, k_max, success_rates
 from pieval.protocol import (
     PASSKEY_KEY_DIGITS,
-    PASSKEY_MIN_SUCCESS,
     PASSKEY_NUM_DISTANCES,
+    PASSKEY_SEED,
     PASSKEY_TRIALS,
 )
 from pieval.task_model import GeneratedPromptTask, TaskModel, check_generation_budget, log
@@ -54,7 +55,7 @@ QUESTION = "What is the pass key?"
 # 7 of 16 right that way, 15 of 16 with the prefilled turn).
 ANSWER_PREFIX = "The pass key is"
 
-DEFAULT_SEED = 0  # any fixed seed reproduces the same prompts; 0 unless --metadata seed=...
+DEFAULT_SEED = PASSKEY_SEED
 DEFAULT_GEN_TOKS = 10  # room left for the answer: " 12345" is 6 tokens with digit-split tokenizers
 
 _FILLER_WORDS = FILLER.split(" ")
@@ -222,32 +223,6 @@ def first_integer(text: str) -> int | None:
     return int(match.group()) if match else None
 
 
-def k_max(success: Mapping[int, float], threshold: float = PASSKEY_MIN_SUCCESS) -> int:
-    """The largest k such that every k' <= k has success rate >= threshold; 0 if the smallest fails."""
-    best = 0
-    for k in sorted(success):
-        if success[k] < threshold:
-            break
-        best = k
-    return best
-
-
-def success_rates(outcomes: Iterable[tuple[int, bool]]) -> dict[int, float]:
-    """Per-distance success rate from (k, correct) pairs."""
-    hits: dict[int, list[bool]] = defaultdict(list)
-    for k, correct in outcomes:
-        hits[k].append(bool(correct))
-    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-
-
-def achieved_distances(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
-    """{grid distance: the smallest real distance of its prompts} from (k, k_tokens) pairs."""
-    reached: dict[int, int] = {}
-    for k, k_tokens in pairs:
-        reached[k] = min(reached.get(k, k_tokens), k_tokens)
-    return dict(sorted(reached.items()))
-
-
 def process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any]:
     """Per prompt: ``acc_<L>`` (0/1) and the ``k_max_<L>``/``k_tested_<L>`` item, which also logs the answer."""
     answer = first_integer(results[0])
@@ -267,16 +242,6 @@ def aggregate_k_tested(items: list[Mapping[str, Any]]) -> int:
     """The real distance of the farthest grid point: the largest k_max the run could report."""
     reached = achieved_distances((item["k"], item["k_tokens"]) for item in items)
     return reached[max(reached)]
-
-
-def heat_map(samples: Iterable[Mapping[str, Any]]) -> dict[int, dict[int, float]]:
-    """{length: {k: success rate}} from lm-eval ``--log_samples`` records of the passkey task."""
-    by_length: dict[int, list[tuple[int, bool]]] = defaultdict(list)
-    for sample in samples:
-        doc = sample["doc"]
-        item = sample[f"k_max_{doc['length']}"]
-        by_length[doc["length"]].append((doc["k"], item["correct"]))
-    return {length: success_rates(outcomes) for length, outcomes in sorted(by_length.items())}
 
 
 # ---------------------------------------------------------------- lm-eval glue (tasks/passkey/)
