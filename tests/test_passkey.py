@@ -14,6 +14,7 @@ import pytest
 
 from pieval import passkey
 from pieval.errors import UserError
+from pieval.leaderboard.heatmap import heat_map
 from pieval.task_model import TaskModel, from_metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ def test_partial_model_and_logged_samples(ref_model_dir):
         assert set(doc) >= {"length", "k", "k_tokens", "prompt_tokens", "key"}
         assert item["correct"] == (item["answer"] == int(doc["key"])) == lm.knows(doc["k"])
         assert s["acc_256"] == float(item["correct"])
-    heat = passkey.heat_map(samples)
+    heat = heat_map(samples)
     assert heat[256][96] == 1.0 and heat[256][104] == 0.0 and heat[256][200] == 1.0
     # Every prompt asks for exactly the answer tokens it left room for, greedily.
     assert {r.args[1]["max_gen_toks"] for r in lm.requests} == {passkey.DEFAULT_GEN_TOKS}
@@ -384,5 +385,5 @@ def test_reference_model_retrieves_through_the_task(ref_model_dir):
     )
     res = out["results"]["passkey"]
     assert res["acc_256,none"] >= 0.95 and res["k_max_256,none"] == res["k_tested_256,none"], res
-    by_distance = passkey.heat_map(out["samples"]["passkey"])[256]
+    by_distance = heat_map(out["samples"]["passkey"])[256]
     assert len(by_distance) == 32 and min(by_distance.values()) >= 0.8, by_distance
