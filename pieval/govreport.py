@@ -179,10 +179,6 @@ class GovReportSettings:
             ],
         )
 
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> GovReportSettings:
-        return task_settings.from_metadata(cls, metadata, "govreport_pi")
-
 
 def build_dataset(render=None, chat: bool = False, **metadata: Any):
     """The task's documents, fitted to the window as sent after ``render`` (with a chat template too:
@@ -191,7 +187,7 @@ def build_dataset(render=None, chat: bool = False, **metadata: Any):
 
     from pieval import task_model
 
-    settings = GovReportSettings.from_metadata(metadata)
+    settings = task_settings.from_metadata(GovReportSettings, metadata, "govreport_pi")
     model = task_model.from_metadata(metadata, "govreport_pi", render)
     if settings.data_path:
         reports = iter_local(settings.data_path)
@@ -250,7 +246,7 @@ class GovReportTask(GeneratedPromptTask):
     def __init__(self, config: dict | None = None):
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         super().__init__(config=config)
-        greedy = GovReportSettings.from_metadata(self.config.metadata or {}).greedy
+        greedy = task_settings.from_metadata(GovReportSettings, self.config.metadata or {}, "govreport_pi").greedy
         self.config.generation_kwargs = generation_kwargs(greedy, self.dataset["test"][0]["max_gen_toks"])
 
     def construct_requests(self, doc, ctx, **kwargs):

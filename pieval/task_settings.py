@@ -30,8 +30,9 @@ log = logging.getLogger("lm_eval.pieval")
 # task name -> its settings classes (a perplexity task has two: what to score, which documents)
 SETTINGS: dict[str, list[type]] = {}
 
-# Keys lm-eval itself puts into task metadata (the YAML's version, TaskFactory's config_source).
-LM_EVAL_KEYS = frozenset({"version", "config_source"})
+# Keys lm-eval itself puts into task metadata (the YAML's version, TaskFactory's config_source),
+# and its ruler tasks' documented --metadata key (a run may mix them with pieval's tasks).
+LM_EVAL_KEYS = frozenset({"version", "config_source", "max_seq_lengths"})
 # Model arguments HFLM passes on to ``from_pretrained`` through its ``**kwargs``.
 FROM_PRETRAINED_KWARGS = frozenset({"attn_implementation", "device_map", "low_cpu_mem_usage", "torch_dtype"})
 MODELS = ("pi_llama", "hf")  # the lm-eval models whose arguments a task's metadata may carry

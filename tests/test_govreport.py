@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pieval import govreport
+from pieval import govreport, task_settings
 from pieval.documents import DocumentError
 from pieval.errors import UserError
 from pieval.task_model import TaskModel
@@ -199,17 +199,21 @@ def test_model_revision_is_not_the_datasets(ref_model_dir, monkeypatch, caplog):
     assert asked[-1] == ("test", "main") and "'split' is deprecated, use 'dataset_split'" in caplog.text
 
 
+def settings(metadata):
+    return task_settings.from_metadata(govreport.GovReportSettings, metadata, "govreport_pi")
+
+
 def test_settings_misspelt_and_bad_values(ref_model_dir):
     with pytest.raises(UserError, match="'max_doc_token': did you mean 'max_doc_tokens'"):
-        govreport.GovReportSettings.from_metadata({"max_doc_token": 300})
+        settings({"max_doc_token": 300})
     with pytest.raises(UserError) as raised:
-        govreport.GovReportSettings.from_metadata({"greedy": "yes", "max_gen_toks": 0, "dataset_revision": ""})
+        settings({"greedy": "yes", "max_gen_toks": 0, "dataset_revision": ""})
     message = str(raised.value)
     assert "\n" not in message and message.startswith("govreport_pi metadata: ")
     assert "greedy must be true or false (got 'yes')" in message
     assert "max_gen_toks must be a positive integer (got 0)" in message
     assert "dataset_revision must be a non-empty string (got '')" in message
-    assert govreport.GovReportSettings.from_metadata({"pretrained": "m", "revision": "x", "dtype": "float32"}) == (
+    assert settings({"pretrained": "m", "revision": "x", "dtype": "float32"}) == (
         govreport.GovReportSettings()
     )
 
