@@ -392,11 +392,12 @@ class PasskeyTask(GeneratedPromptTask):
         super().__init__(config=config | {"metric_list": []})
         # The prompts were sized for this many answer tokens: generate exactly that many.
         self.config.generation_kwargs["max_gen_toks"] = self.dataset["test"][0]["max_gen_toks"]
+        self._lengths = sorted(set(self.dataset["test"]["length"]))
 
     def aggregation(self) -> dict:
         """``acc_<L>``, ``k_max_<L>``, ``k_tested_<L>`` for each length run (process_results scores)."""
         metrics = {}
-        for length in sorted(set(self.dataset["test"]["length"])):
+        for length in self._lengths:
             metrics |= {f"acc_{length}": mean, f"k_max_{length}": aggregate_k_max, f"k_tested_{length}": aggregate_k_tested}
         return metrics
 

@@ -10,7 +10,8 @@ Run-time settings come from the task metadata (YAML ``metadata`` < ``--metadata`
 also merges model_args in, which are not read as settings): ``SlidingWindowConfig``
 (``windows``, ``stride``, ``max_doc_tokens``, ``head_chunk_tokens``) and ``CorpusConfig``
 (``data_path``, ``max_docs``, ``min_doc_tokens``, ``sample_seed`` and, for hub data,
-``dataset``, ``dataset_config``, ``dataset_split``, ``dataset_revision``, ``text_field``). What was actually run (windows, documents, truncation) is written back
+``dataset``, ``dataset_config``, ``dataset_split``, ``dataset_revision``, ``text_field``).
+What was actually run (windows, documents, truncation) is written back
 into the metadata, so it lands in the results JSON's ``configs`` section.
 """
 
@@ -126,7 +127,7 @@ def unsupported_model(model: object) -> UserError:
     """What a model without ``loglikelihood_sliding`` gets when lm-eval dispatches these tasks' requests."""
     return UserError(
         f"model class {type(model).__name__} cannot score strided sliding-window perplexity "
-        f"(request type {REQUEST_TYPE!r}, used by {', '.join(TASKS)}; lm-eval's "
+        f"(request type {REQUEST_TYPE!r}, used by pg19_ppl, proofpile_ppl and local_ppl; lm-eval's "
         "loglikelihood_rolling has no stride): run these tasks with --model pi_llama "
         "(any RoPE LLaMA checkpoint; scaling_factor is optional)"
     )
