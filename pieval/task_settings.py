@@ -88,7 +88,7 @@ def check_keys(metadata: Iterable[str], task: str) -> None:
 
 def _unknown(key: str, known: frozenset[str]) -> str:
     near = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f"did you mean {near[0]!r}?" if near else "no task setting or model argument has that name"
+    hint = f"did you mean {near[0]!r}?" if near else "no pieval task or pi_llama/hf model argument reads it: remove it"
     return f"{key!r}: {hint}"
 
 
