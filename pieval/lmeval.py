@@ -50,7 +50,8 @@ def _is_lm_eval_cli(argv: list[str]) -> bool:
 def _user_errors_as_one_line() -> None:
     """lm-eval's CLI lets every exception end in a traceback; a pieval UserError (a bad
     model_arg or task metadata) already names the bad value and the fix, so the CLI prints
-    just that, like an argparse error. Other exceptions keep their traceback."""
+    just that, like an argparse error. Other exceptions keep their traceback, except the one
+    a model without pieval's sliding-window request type raises (``unsupported_request``)."""
     from pieval.errors import UserError
 
     previous = sys.excepthook
@@ -58,6 +59,7 @@ def _user_errors_as_one_line() -> None:
         return
 
     def hook(kind, value, tb):
+        value = unsupported_request(value) or value
         if isinstance(value, UserError):
             print(f"lm_eval: error: {value}", file=sys.stderr)
         else:
@@ -65,6 +67,20 @@ def _user_errors_as_one_line() -> None:
 
     hook.pieval = True
     sys.excepthook = hook
+
+
+def unsupported_request(error: BaseException):
+    """The one-line error for a model that lacks ``loglikelihood_sliding``, else None.
+
+    lm-eval's evaluator dispatches requests with ``getattr(lm, request_type)`` and hands tasks
+    no model before that, so the AttributeError it raises is where the perplexity tasks learn
+    that the model cannot serve them.
+    """
+    if not isinstance(error, AttributeError):
+        return None
+    from pieval.perplexity_task import REQUEST_TYPE, unsupported_model
+
+    return unsupported_model(error.obj) if error.name == REQUEST_TYPE else None
 
 
 def include_tasks() -> None:

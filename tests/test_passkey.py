@@ -247,6 +247,20 @@ def test_default_length_is_the_models_context_length(tiny_llama_dir):
         lengths(tokenizer=str(tiny_llama_dir), lengths=256, trials=[2, 3])
 
 
+def test_settings_misspelt_and_bad_values(tiny_llama_dir):
+    with pytest.raises(UserError, match="'lenghts': did you mean 'lengths'"):
+        passkey.build_dataset(tokenizer=str(tiny_llama_dir), lenghts=[256])
+    with pytest.raises(UserError) as raised:
+        passkey.PasskeySettings(lengths=[256, -1], trials=0, seed="x")
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("passkey metadata: ")
+    assert "trials must be a positive integer (got 0)" in message and "lengths must be a positive integer (got -1)" in message
+    assert "seed must be an integer (got 'x')" in message
+    assert passkey.PasskeySettings(lengths=256).lengths == (256,)
+    with pytest.raises(UserError, match="lengths is empty"):
+        passkey.PasskeySettings(lengths=[])
+
+
 def test_no_prompt_is_truncated_by_hflm(tiny_llama_dir, caplog):
     """A real HFLM with max_length = L' receives every prompt whole (it warns when it truncates)."""
     import lm_eval

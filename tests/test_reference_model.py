@@ -126,7 +126,8 @@ GOLDEN_TOKENS = 42897
 
 
 def test_heldout_perplexity_at_window_L_matches_golden(model_and_tokenizer, heldout_dir):
-    from pieval.perplexity import exp_ratio, score_documents
+    from pieval.perplexity import score_documents
+    from pieval.perplexity_metrics import exp_ratio
 
     model, tok = model_and_tokenizer
     docs = [tok(p.read_text(encoding="utf-8"), add_special_tokens=False).input_ids for p in sorted(heldout_dir.glob("*.txt"))]
