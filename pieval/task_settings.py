@@ -21,6 +21,7 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pieval.errors import UserError
@@ -77,19 +78,35 @@ def from_metadata(cls: type[T], metadata: Mapping[str, Any], task: str) -> T:
 
 
 def check_keys(metadata: Iterable[str], task: str) -> None:
-    """Refuse a key that no task, model argument or lm-eval reads, naming the nearest known key."""
+    """Refuse a key that looks like a misspelt known key, naming it; warn about the other unknowns.
+
+    A key no task or model reads but close to one that is (``max_doc_token``, ``strid``) is a
+    typo that would otherwise be silently ignored. One close to nothing is most likely an argument
+    a model backend forwards through ``**kwargs`` (vLLM's engine arguments): it is reported, not
+    refused, since refusing it would make that backend unusable with pieval's tasks.
+    """
     known = known_keys()
     unknown = sorted(k for k in metadata if k not in known)
-    if unknown:
+    if unknown:  # the slow path, taken only for a key pi_llama and hf do not know
+        known = known | other_model_arguments()
+        unknown = [k for k in unknown if k not in known]
+    near = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
+    misspelt = sorted(k for k, match in near.items() if match)
+    if misspelt:
         raise TaskSettingError(
-            f"{task}: unknown metadata key(s) " + "; ".join(_unknown(k, known) for k in unknown)
+            f"{task}: unknown metadata key(s) "
+            + "; ".join(f"{k!r}: did you mean {near[k][0]!r}?" for k in misspelt)
         )
+    for key in sorted(set(unknown) - set(misspelt)):
+        _warn_once(task, key)
 
 
-def _unknown(key: str, known: frozenset[str]) -> str:
-    near = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f"did you mean {near[0]!r}?" if near else "no pieval task or pi_llama/hf model argument reads it: remove it"
-    return f"{key!r}: {hint}"
+@functools.cache
+def _warn_once(task: str, key: str) -> None:
+    log.warning(
+        "%s: metadata key %r is read by no pieval task and is no lm-eval model's named argument: "
+        "ignored (remove it, unless your model takes it through **kwargs)", task, key,
+    )
 
 
 def known_keys() -> frozenset[str]:
@@ -103,6 +120,48 @@ def known_keys() -> frozenset[str]:
 
 
 @functools.cache
+def other_model_arguments() -> frozenset[str]:
+    """The keyword arguments of every model lm-eval ships, read from its source without importing it.
+
+    With ``--model vllm`` (or any other), its model_args reach the task metadata too. Importing
+    every backend to ask would take a minute (and fail for those whose packages are missing), so
+    the parameter names of the model classes' constructors are read from lm-eval's source files.
+    """
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval.models")
+    names: set[str] = set()
+    for folder in spec.submodule_search_locations or ():
+        for path in sorted(Path(folder).glob("*.py")):
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (OSError, SyntaxError, UnicodeDecodeError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef) and node.name in ("__init__", "_create_model", "_create_tokenizer"):
+                    names |= {a.arg for a in (*node.args.args, *node.args.kwonlyargs) if a.arg != "self"}
+    return frozenset(names)
+
+
+def _arguments(model_class: type) -> set[str]:
+    names = set()
+    for klass in model_class.__mro__:
+        for method in ("__init__", "_create_model", "_create_tokenizer"):
+            fn = klass.__dict__.get(method)
+            if fn is not None:
+                try:
+                    params = inspect.signature(fn).parameters.values()
+                except (TypeError, ValueError):
+                    continue
+                names |= {
+                    p.name for p in params
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+                }  # fmt: skip
+    return names
+
+
+@functools.cache
 def model_arguments() -> frozenset[str]:
     """The keyword arguments of the ``pi_llama`` and ``hf`` models (their classes' constructors)."""
     from lm_eval.api.registry import get_model
@@ -112,14 +171,7 @@ def model_arguments() -> frozenset[str]:
     pieval.lmeval.register_model()
     names = set(FROM_PRETRAINED_KWARGS)
     for model in MODELS:
-        for klass in get_model(model).__mro__:
-            for method in ("__init__", "_create_model", "_create_tokenizer"):
-                fn = klass.__dict__.get(method)
-                if fn is not None:
-                    names |= {
-                        p.name for p in inspect.signature(fn).parameters.values()
-                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
-                    }  # fmt: skip
+        names |= _arguments(get_model(model))
     return frozenset(names)
 
 

@@ -401,3 +401,14 @@ def test_reference_model_retrieves_through_the_task(ref_model_dir):
     assert res["acc_256,none"] >= 0.95 and res["k_max_256,none"] == res["k_tested_256,none"], res
     by_distance = heat_map(out["samples"]["passkey"])[256]
     assert len(by_distance) == 32 and min(by_distance.values()) >= 0.8, by_distance
+
+
+def test_other_lm_eval_models_arguments_are_known_keys():
+    """With --model vllm its model_args reach the task metadata: they must not be refused."""
+    from pieval import task_settings
+
+    task_settings.check_keys({"tensor_parallel_size": 2, "pretrained": "x"}, "passkey")  # vllm's named argument
+    # one it forwards through **kwargs is close to no known key: reported, not refused
+    task_settings.check_keys({"gpu_memory_utilization": 0.9}, "passkey")
+    with pytest.raises(UserError, match="'tensor_paralel_size': did you mean 'tensor_parallel_size'"):
+        task_settings.check_keys({"tensor_paralel_size": 2}, "passkey")
