@@ -103,13 +103,16 @@ class PromptBuilder:
         first = next(i for i, (_, end) in enumerate(offsets) if end > key_char)
         return text, len(ids), len(ids) - first
 
-    def build(self, key: int, target_tokens: int, distance: int) -> PasskeyPrompt:
+    def build(self, key: int, target_tokens: int, distance: int, room: int = 0) -> PasskeyPrompt:
+        """A prompt of ``target_tokens`` tokens; ``room`` (the answer's tokens) only names the minimum length."""
         _, n0, k0 = self.measure(key, 0, 0)
         head = n0 - k0  # tokens before the key when there is no filler in front of it
         if n0 > target_tokens:
+            least = n0 + room
             raise UserError(
-                f"passkey prompt length {target_tokens} is shorter than the prompt's fixed text "
-                f"({n0} tokens with no filler): use a longer length"
+                f"passkey length {target_tokens + room} cannot hold the prompt: its fixed text is {n0} "
+                f"tokens of this tokenizer with no filler, plus {room} for the answer; pass lengths >= "
+                f"{least}, e.g. --metadata '{{\"lengths\": [{1 << (least - 1).bit_length()}]}}'"
             )
         want_k = min(max(distance, k0), target_tokens - head)
         a, b = self._starts.get((target_tokens, distance), (0, 0))
@@ -202,7 +205,7 @@ def generate(
         rng = random.Random(f"{seed}:{length}")
         for k in distances(length, num_distances):
             for trial in range(trials):
-                p = builder.build(random_key(rng), length - max_gen_toks, k)
+                p = builder.build(random_key(rng), length - max_gen_toks, k, max_gen_toks)
                 rows.append(
                     {
                         "prompt": p.text,

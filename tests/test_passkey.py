@@ -93,8 +93,10 @@ def test_keys_come_from_a_private_rng(model):
 def test_bad_lengths_are_refused(model, ref_tokenizer):
     with pytest.raises(UserError, match="exceeds the model's window 256"):
         passkey.generate(TaskModel(ref_tokenizer, 256, True), [512])
-    with pytest.raises(UserError, match="shorter than the prompt's fixed text"):
+    with pytest.raises(UserError, match=r"passkey length 64 cannot hold the prompt: its fixed text is \d+ tokens") as raised:
         passkey.generate(model, [64], num_distances=4)
+    minimum = int(re.search(r"pass lengths >= (\d+)", str(raised.value)).group(1))
+    assert len(passkey.generate(model, [minimum], trials=1, num_distances=1)) == 1  # the minimum it names works
     with pytest.raises(UserError, match="too short for 32 distinct distances"):
         passkey.distances(16)
 
