@@ -25,7 +25,7 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lm_eval.api.metrics import mean
@@ -286,6 +286,10 @@ def build_dataset(render=None, chat: bool = False, **metadata: Any):
     from pieval import task_model
 
     settings = task_settings.from_metadata(PasskeySettings, metadata, "passkey")
+    if settings.lengths is None and metadata.get("max_seq_lengths") is not None:
+        # lm-eval's ruler tasks call the same thing max_seq_lengths (and lm-eval suggests it)
+        settings = replace(settings, lengths=metadata["max_seq_lengths"])
+        log.info("passkey: lengths %s from max_seq_lengths (ruler's key; passkey's own is lengths)", list(settings.lengths))
     model = task_model.from_metadata(metadata, "passkey", render)
     if settings.lengths is not None:
         lengths = list(settings.lengths)

@@ -245,6 +245,9 @@ def test_default_length_is_the_models_context_length(tiny_llama_dir):
     with pytest.raises(UserError, match="cannot tell the model's window"):
         lengths(tokenizer=str(tiny_llama_dir))
     assert lengths(tokenizer=str(tiny_llama_dir), lengths=[300, 256, 300]) == {256, 300}
+    # lm-eval's ruler key, which lm-eval suggests for length-bound tasks, means the same
+    assert lengths(**md, max_seq_lengths=[256]) == {256}
+    assert lengths(**md, max_seq_lengths=[256], lengths=[384]) == {384}  # passkey's own key wins
     with pytest.raises(UserError, match="trials must be a positive integer"):
         lengths(tokenizer=str(tiny_llama_dir), lengths=256, trials=[2, 3])
 
