@@ -63,26 +63,21 @@ def directory(path: str | Path, owned: Callable[[str], bool] | None = None) -> I
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        yield tmp
+        if owned is not None and path.is_dir():
+            _carry(path, tmp, owned)
         # mkdtemp makes it private (0700); the result keeps the old directory's mode, or is an ordinary one
         if path.is_dir():
             shutil.copymode(path, tmp)
         else:
             tmp.chmod(0o777 & ~_umask())
-        yield tmp
-        if owned is not None and path.is_dir():
-            _carry(path, tmp, owned)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        old = tmp if _exchange(tmp, path) else _swap_by_renames(tmp, path, owned is None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    if _exchange(tmp, path):
-        old = tmp
-    else:
-        old = _old(path)
-        os.replace(path, old)
-        os.replace(tmp, path)
     if owned is None:
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -132,6 +127,19 @@ def temp_target(name: str) -> str | None:
     """The file name a `write_bytes` temporary file ``name`` was going to become, else None."""
     match = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", name)
     return match.group(1) if match else None
+
+
+def _swap_by_renames(tmp: Path, path: Path, replace_stale: bool) -> Path:
+    old = _old(path)
+    if replace_stale:  # a backup left by a kill; with ``owned``, `recover` deals with it first
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    return old
 
 
 def _old(path: Path) -> Path:

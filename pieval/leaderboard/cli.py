@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         with OutputLock(out, command) as lock:
             if lock.took_over is not None:
                 _say("note", lock.took_over.stale_notice(lock.path))
+            output.clean_leftovers(out, lambda line: _say("note", line))
             board = build.build(args.results, with_reference=args.reference)
             for problem in board.problems:
                 _say("skipped" if problem.skipped else "note", str(problem))
@@ -57,12 +58,14 @@ def _say(kind: str, line: str) -> None:
 
 
 def _check_out(out: Path) -> None:
-    """Refuse an --out that cannot be a directory before anything is read or made."""
+    """Refuse an --out that cannot be a directory, or that its owner made read-only, before anything is made."""
     for path in (out, *out.parents):
         if path.exists() and not path.is_dir():
             raise OSError(errno.EEXIST if path == out else errno.ENOTDIR, "not a directory", str(path))
         if path.exists():
             break
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise PermissionError(errno.EACCES, "permission denied", str(out))
 
 
 # errno -> (what went wrong, the fix)

@@ -31,10 +31,9 @@ _PLOT_PREFIXES = ("ppl_vs_window_", "ppl_vs_steps", "kmax_vs_steps", "passkey_he
 def publish(board: Leaderboard, out: Path, inputs: list[str], plots: bool, note: Callable[[str], None]) -> list[Path]:
     """Write every table (and with ``plots`` every figure) into ``out`` as one set; the paths.
 
-    The caller holds `pieval.locking.OutputLock` on ``out``. ``note`` gets one line per thing
-    worth telling (a left-over of a killed run that had to stay).
+    The caller holds `pieval.locking.OutputLock` on ``out`` and has called `clean_leftovers`.
+    ``note`` gets one line per thing worth telling (files of the old set that had to stay).
     """
-    clean_leftovers(out, note)
     with atomic.directory(out, owned=owned_in(out)) as tmp:
         written = build.write(board, tmp)
         if plots:
@@ -60,19 +59,25 @@ def manifest_text(board: Leaderboard, inputs: list[str], plots: bool, files: lis
 
 
 def owned_in(directory: Path) -> Callable[[str], bool]:
-    """Whether a file (path relative to ``directory``, POSIX) belongs to the leaderboard there."""
+    """Whether a file of ``directory`` (a path relative to it, POSIX) belongs to the leaderboard there.
+
+    Decided once, from the files there now: after the swap the old files live elsewhere, and
+    a file that appears later is not pieval's.
+    """
     listed = _listed(directory)
+    files = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()] if directory.is_dir() else []
+    ours = frozenset(rel for rel in files if _is_ours(directory, rel, listed))
+    return ours.__contains__
 
-    def owned(rel: str) -> bool:
-        head, _, name = rel.rpartition("/")
-        target = atomic.temp_target(name)  # a write cut short by a kill
-        if target is not None:
-            rel = f"{head}/{target}" if head else target
-        if listed is not None:
-            return rel in listed
-        return _looks_like_ours(directory, rel)
 
-    return owned
+def _is_ours(directory: Path, rel: str, listed: set[str] | None) -> bool:
+    head, _, name = rel.rpartition("/")
+    target = atomic.temp_target(name)
+    if target is not None:  # a write cut short by a kill: ours if the file it was becoming is
+        rel = f"{head}/{target}" if head else target
+    if listed is not None:
+        return rel in listed
+    return _looks_like_ours(directory, rel, by_name=target is not None)
 
 
 def _listed(directory: Path) -> set[str] | None:
@@ -83,10 +88,12 @@ def _listed(directory: Path) -> set[str] | None:
     return {*map(str, files), MANIFEST} if isinstance(files, list) else None
 
 
-def _looks_like_ours(directory: Path, rel: str) -> bool:
+def _looks_like_ours(directory: Path, rel: str, by_name: bool) -> bool:
     if rel == MANIFEST:
         return True
     if re.fullmatch(r"[^/]+\.csv", rel):
+        if by_name:
+            return True
         try:
             with (directory / rel).open("rb") as f:
                 return f.read(len(_CSV_HEAD)) == _CSV_HEAD
@@ -97,7 +104,10 @@ def _looks_like_ours(directory: Path, rel: str) -> bool:
 
 
 def clean_leftovers(out: Path, note: Callable[[str], None]) -> None:
-    """Put back or remove what a killed run left beside ``out``; what must stay is noted."""
+    """Put back or remove what a killed run left beside ``out``; what must stay is noted.
+
+    Call it holding the lock on ``out``: another run's temporary directory looks the same.
+    """
     for leftover in atomic.recover(out):
         kept = atomic.retire(leftover, out, owned_in(leftover))
         if kept:
