@@ -149,6 +149,8 @@ def _old(path: Path) -> Path:
 def _carry(old: Path, new: Path, owned: Callable[[str], bool]) -> None:
     """Hard-link every foreign file of ``old`` into ``new`` (directories re-made, modes kept)."""
     for root, dirs, files in os.walk(old):
+        if not dirs and not files and Path(root) != old:  # an empty directory is no writer's output
+            _make_parents(old, new, new / Path(root).relative_to(old))
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             src = Path(root, name)
             rel = src.relative_to(old).as_posix()
