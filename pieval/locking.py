@@ -6,7 +6,7 @@ is an ``fcntl.flock`` on ``<parent>/.<name>.lock``: the kernel releases it when 
 dies, however it dies, so a lock left by a killed run never blocks; the next run takes it
 over and says so.
 
-    with OutputLock("leaderboards", command="pieval leaderboard runs/ --out leaderboards") as lock:
+    with OutputLock("leaderboards", "pieval leaderboard runs/ --out leaderboards", option="--out") as lock:
         if lock.took_over is not None:
             print(f"note: {lock.took_over.stale_notice(lock.path)}")
         ...  # write into leaderboards/
@@ -77,16 +77,18 @@ def lock_path(target: str | Path) -> Path:
 class OutputLock:
     """Exclusive use of ``target`` (a file or directory, existing or not) by one process.
 
-    ``command`` is recorded for a refused second run to show. After ``__enter__``,
+    ``command`` is recorded for a refused second run to show; ``option`` (e.g. ``"--out"``)
+    is the flag that message tells the user to change. After ``__enter__``,
     ``took_over`` is the `Holder` of a stale lock file that was taken over (a run that was
     killed), else None. The lock file is removed on exit; the parent directory is created
     if missing. Not re-entrant: a process that locks the same target twice is refused.
     """
 
-    def __init__(self, target: str | Path, command: str):
+    def __init__(self, target: str | Path, command: str, option: str | None = None):
         self.target = Path(target)
         self.path = lock_path(target)
         self.command = command
+        self.option = option
         self.took_over: Holder | None = None
         self._fd: int | None = None
 
@@ -102,8 +104,9 @@ class OutputLock:
                     raise
                 holder = Holder.parse(_read(self.path))
                 who = str(holder) if holder else "another process (it has not written its name yet)"
+                elsewhere = f"pass another {self.option}" if self.option else "write elsewhere"
                 raise LockBusy(
-                    f"{self.target} is being written by {who}; wait for that run to finish, or pass another path "
+                    f"{self.target} is being written by {who}; wait for that run to finish, or {elsewhere} "
                     f"(lock file: {self.path})",
                     holder,
                 ) from None

@@ -9,9 +9,9 @@ To add a case, for this command or another one (``lm_eval --model pi_llama``, ``
 finetune``, ``pieval info``), add a line: the arguments (``{tmp}``, ``{good}``, ``{bad}`` and
 ``{repo}`` are filled in), the exit status, the fragment, and if it needs them a ``setup``
 (files, a lock holder: it gets ``{tmp}`` and an ExitStack for what must be stopped after),
-``unprivileged=True`` (so that permission bits apply even for root), ``read_only``
-(a directory under ``{tmp}`` mounted read-only, in a user namespace) and ``then`` (a check of
-what the command wrote).
+``unprivileged=True`` (so that permission bits apply even for root), ``mount`` (a directory
+under ``{tmp}`` that is a tmpfs for the run, read-only or tiny, in a user namespace) and
+``then`` (a check of what the command wrote).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Case:
     message: str  # a fragment of one stderr line
     setup: Setup | None = None
     unprivileged: bool = False  # run where permission bits apply, even for root
-    read_only: str | None = None  # a directory under {tmp} mounted read-only for the run
+    mount: tuple[str, str] | None = None  # (a directory under {tmp}, tmpfs options): mounted so for the run
     then: Callable[[Path], None] | None = None
     writes: bool = False  # a non-zero status that still writes its output (--strict)
 
@@ -134,6 +134,7 @@ def lock_released(tmp: Path) -> None:
 
 
 LB = ("pieval", "leaderboard", "{good}")
+MOUNTED = "-- left in the mounted directory:"
 CUT = "the lm_eval run was cut short while writing it; re-run it with --log_samples"
 
 CASES = [
@@ -151,12 +152,17 @@ CASES = [
          setup=read_only_dir("ro"), unprivileged=True),
     Case("leaderboard: --out on a read-only file system", (*LB, "--out", "{tmp}/ro/board"), 2,
          "error: cannot write --out {tmp}/ro/board (at {tmp}/ro/, where it writes beside --out): read-only file system; "
-         "pass --out a directory on a writable file system", read_only="ro"),
+         "pass --out a directory on a writable file system", mount=("ro", "ro")),
+    Case("leaderboard: --out on a full disk", (*LB, "--out", "{tmp}/full/board"), 2,
+         "error: cannot write --out {tmp}/full/board: no space left on the device; free some space, or pass --out "
+         "a directory on another disk", mount=("full", "size=8k")),
     Case("leaderboard: a foreign file where a table goes", (*LB, "--out", "{tmp}/lb"), 2,
          "error: cannot write --out {tmp}/lb: {tmp}/lb/passkey.csv was not written by pieval leaderboard and is in the "
          "way of a file it writes; move it out of {tmp}/lb, or pass another --out", setup=a_foreign_table("lb")),
     Case("leaderboard: a second run into the same --out", (*LB, "--out", "{tmp}/lb"), 2,
          "error: {tmp}/lb is being written by pid", setup=held("lb")),
+    Case("leaderboard: a second run names the fix", (*LB, "--out", "{tmp}/lb"), 2,
+         "; wait for that run to finish, or pass another --out (lock file: {tmp}/.lb.lock)", setup=held("lb")),
     Case("leaderboard: a lock left by a killed run", (*LB, "--out", "{tmp}/lb"), 0,
          "pieval leaderboard: note: took over the lock {tmp}/.lb.lock left by pid", setup=killed_holder("lb"),
          then=lock_released),
@@ -177,7 +183,7 @@ CASES = [
 # ---------------------------------------------------------------- the runner
 
 
-def _can_mount_read_only() -> bool:
+def _can_mount() -> bool:
     if shutil.which("unshare") is None:
         return False
     with tempfile.TemporaryDirectory() as probe:
@@ -205,8 +211,8 @@ def _listing(tmp: Path) -> list[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case):
-    if case.read_only and not _can_mount_read_only():
-        pytest.skip("no user namespaces here to mount a read-only file system")
+    if case.mount and not _can_mount():
+        pytest.skip("no user namespaces here to mount a file system")
     prefix = _unprivileged() if case.unprivileged else []
     if prefix is None:
         pytest.skip("running as root without setpriv: permission bits do not apply")
@@ -219,11 +225,13 @@ def test_bad_input(case: Case):
             case.setup(tmp, stack)
         before = _listing(tmp)
         command = prefix + _command(case.argv, fill)
-        if case.read_only:
-            (tmp / case.read_only).mkdir()
+        if case.mount:
+            where, options = case.mount
+            (tmp / where).mkdir()
             before = _listing(tmp)
-            mount = f'mount -t tmpfs -o ro tmpfs "{tmp / case.read_only}" && exec "$@"'
-            command = ["unshare", "-rm", "sh", "-c", mount, "sh", *command]
+            # the mount lives as long as the command: what it left there is listed on stdout after it
+            script = f'mount -t tmpfs -o {options} tmpfs "$0" || exit 99; "$@"; rc=$?; echo {MOUNTED}; find "$0" -mindepth 1; exit $rc'
+            command = ["unshare", "-rm", "sh", "-c", script, str(tmp / where), *command]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         run = subprocess.run(
             command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300
@@ -235,5 +243,7 @@ def test_bad_input(case: Case):
         if case.status != 0 and not case.writes:
             assert run.stderr.splitlines()[-1].startswith(f"{case.argv[0]} "), run.stderr  # the last word is the refusal
             assert _listing(tmp) == before  # nothing left behind
+            if case.mount:
+                assert run.stdout.split(f"{MOUNTED}\n")[-1] == "", run.stdout
         if case.then:
             case.then(tmp)

@@ -45,7 +45,7 @@ def test_a_second_holder_is_refused_with_the_first_ones_name(tmp_path):
     message = str(refused.value)
     assert "\n" not in message
     assert message.startswith(f"{target} is being written by pid {proc.pid} on host {socket.gethostname()} since 20")
-    assert "wait for that run to finish, or pass another path" in message
+    assert message.endswith(f"wait for that run to finish, or write elsewhere (lock file: {lock_path(target)})")
 
 
 def test_a_killed_holders_lock_is_taken_over(tmp_path):

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join([PROG, *args.results, "--out", args.out, *(["--plots"] if args.plots else [])])
     try:
         _check_out(out)
-        with OutputLock(out, command) as lock:
+        with OutputLock(out, command, option="--out") as lock:
             if lock.took_over is not None:
                 _say("note", lock.took_over.stale_notice(lock.path))
             output.clean_leftovers(out, lambda line: _say("note", line))
