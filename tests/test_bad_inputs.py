@@ -11,7 +11,7 @@ finetune``, ``pieval info``), add a line: the arguments (``{tmp}``, ``{good}``, 
 (files, a lock holder: it gets ``{tmp}`` and an ExitStack for what must be stopped after),
 ``unprivileged=True`` (so that permission bits apply even for root), ``mount`` (a directory
 under ``{tmp}`` that is a tmpfs for the run, read-only or tiny, in a user namespace) and
-``then`` (a check of what the command wrote).
+``then`` (a check of what the command wrote); it runs in ``cwd`` (default ``{repo}``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Case:
     mount: tuple[str, str] | None = None  # (a directory under {tmp}, tmpfs options): mounted so for the run
     then: Callable[[Path], None] | None = None
     writes: bool = False  # a non-zero status that still writes its output (--strict)
+    cwd: str = "{repo}"
 
 
 # ---------------------------------------------------------------- set-ups
@@ -150,6 +151,9 @@ CASES = [
     Case("leaderboard: --out a read-only directory", (*LB, "--out", "{tmp}/ro"), 2,
          "error: cannot write --out {tmp}/ro: permission denied; pass --out a directory you can write",
          setup=read_only_dir("ro"), unprivileged=True),
+    Case("leaderboard: --out the current directory", (*LB, "--out", "."), 2,
+         "error: --out . is the current directory or holds it; pass --out a directory of its own (e.g. leaderboards/)",
+         cwd="{tmp}"),
     Case("leaderboard: --out on a read-only file system", (*LB, "--out", "{tmp}/ro/board"), 2,
          "error: cannot write --out {tmp}/ro/board (at {tmp}/ro/, where it writes beside --out): read-only file system; "
          "pass --out a directory on a writable file system", mount=("ro", "ro")),
@@ -234,7 +238,7 @@ def test_bad_input(case: Case):
             command = ["unshare", "-rm", "sh", "-c", script, str(tmp / where), *command]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         run = subprocess.run(
-            command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+            command, capture_output=True, text=True, cwd=case.cwd.format(**fill), env=env, timeout=300
         )  # fmt: skip
         message = case.message.format(**fill)
         assert run.returncode == case.status, run.stderr

@@ -66,6 +66,10 @@ def _check_out(out: Path) -> None:
             break
     if out.is_dir() and not os.access(out, os.W_OK):
         raise PermissionError(errno.EACCES, "permission denied", str(out))
+    here, real = Path.cwd().resolve(), out.resolve()
+    if real == here or real in here.parents:
+        # replacing it would swap the directory this process and its shell stand in
+        raise UserError(f"--out {out} is the current directory or holds it; pass --out a directory of its own (e.g. leaderboards/)")
 
 
 # errno -> (what went wrong, the fix)
