@@ -24,7 +24,8 @@ from pieval.leaderboard.build import Leaderboard
 MANIFEST = "leaderboard.json"
 PLOTS_DIR = "plots"
 _CSV_HEAD = (",".join(tables.ID_COLUMNS) + ",").encode()
-# leaderboard plots written before the manifest: plots/<one of these><anything>.png|svg
+# the plots of leaderboards written before the manifest (a new plot needs no entry here):
+# plots/<one of these><anything>.png|svg
 _PLOT_PREFIXES = ("ppl_vs_window_", "ppl_vs_steps", "kmax_vs_steps", "passkey_heatmap_")
 
 
@@ -43,7 +44,7 @@ def publish(board: Leaderboard, out: Path, inputs: list[str], plots: bool, note:
         files = sorted(p.relative_to(tmp).as_posix() for p in written)
         atomic.write_text(tmp / MANIFEST, manifest_text(board, inputs, plots, files))
     clean_leftovers(out, note)
-    return [out / f for f in files] + [out / MANIFEST]
+    return [out / p.relative_to(tmp) for p in written] + [out / MANIFEST]
 
 
 def manifest_text(board: Leaderboard, inputs: list[str], plots: bool, files: list[str]) -> str:
