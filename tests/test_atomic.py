@@ -54,7 +54,8 @@ def test_directory_keeps_the_files_it_does_not_own(tmp_path):
     ino = (target / "sub" / "notes.txt").stat().st_ino
     with atomic.directory(target, owned={"table.csv", "gone.csv"}.__contains__) as tmp:
         (tmp / "table.csv").write_text("new")
-    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == ["empty", "link", "sub", "sub/notes.txt", "table.csv"]
+    listing = sorted(p.relative_to(target).as_posix() for p in target.rglob("*"))
+    assert listing == ["empty", "link", "sub", "sub/notes.txt", "table.csv"]
     assert (target / "table.csv").read_text() == "new" and (target / "link").read_text() == "mine"
     assert (target / "sub" / "notes.txt").stat().st_ino == ino
     assert [p.name for p in tmp_path.iterdir()] == ["board"]

@@ -191,7 +191,8 @@ def _can_mount() -> bool:
     if shutil.which("unshare") is None:
         return False
     with tempfile.TemporaryDirectory() as probe:
-        return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {probe}"], capture_output=True).returncode == 0
+        probed = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {probe}"], capture_output=True)
+    return probed.returncode == 0
 
 
 def _unprivileged() -> list[str] | None:
@@ -234,7 +235,8 @@ def test_bad_input(case: Case):
             (tmp / where).mkdir()
             before = _listing(tmp)
             # the mount lives as long as the command: what it left there is listed on stdout after it
-            script = f'mount -t tmpfs -o {options} tmpfs "$0" || exit 99; "$@"; rc=$?; echo {MOUNTED}; find "$0" -mindepth 1; exit $rc'
+            script = f'mount -t tmpfs -o {options} tmpfs "$0" || exit 99; "$@"; rc=$?; echo "{MOUNTED}"; '
+            script += 'find "$0" -mindepth 1; exit $rc'
             command = ["unshare", "-rm", "sh", "-c", script, str(tmp / where), *command]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         run = subprocess.run(

@@ -15,7 +15,9 @@ PROG = "pieval leaderboard"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="lm_eval --output_path directories (or results_*.json files)")
-    parser.add_argument("--out", default="leaderboards", help="directory for the CSV tables, replaced as a whole (default: leaderboards/)")
+    parser.add_argument(
+        "--out", default="leaderboards", help="directory for the CSV tables, replaced as a whole (default: leaderboards/)"
+    )
     parser.add_argument("--plots", action="store_true", help="also draw the plots (PNG + SVG) into OUT/plots/")
     parser.add_argument("--no-reference", dest="reference", action="store_false", help="leave out the paper's reference rows")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any input was skipped (default: report it and go on)")
@@ -69,7 +71,9 @@ def _check_out(out: Path) -> None:
     here, real = Path.cwd().resolve(), out.resolve()
     if real == here or real in here.parents:
         # replacing it would swap the directory this process and its shell stand in
-        raise UserError(f"--out {out} is the current directory or holds it; pass --out a directory of its own (e.g. leaderboards/)")
+        raise UserError(
+            f"--out {out} is the current directory or holds it; pass --out a directory of its own (e.g. leaderboards/)"
+        )
 
 
 # errno -> (what went wrong, the fix)

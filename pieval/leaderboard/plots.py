@@ -171,7 +171,8 @@ def passkey_success(board: Leaderboard, problems: list[Problem]) -> dict[int, di
                 problems.append(Problem(str(path), f"{run}: {e}"))
                 continue
             except (KeyError, TypeError) as e:
-                problems.append(Problem(str(path), f"{run}: {path.name} is not a pieval passkey samples log ({type(e).__name__}: {e})"))
+                why = f"{path.name} is not a pieval passkey samples log ({type(e).__name__}: {e})"
+                problems.append(Problem(str(path), f"{run}: {why}"))
                 continue
             for length, by_k in rates.items():
                 out.setdefault(length, {})[provenance.row_id(rf)] = by_k
