@@ -199,3 +199,33 @@ def test_owned_reads_the_manifest_or_the_old_layout(tmp_path):
     owned = output.owned_in(tmp_path)
     assert [rel for rel in [*files, "leaderboard.json"] if owned(rel)] == ["mine.csv", "leaderboard.json"]
     assert not owned("later.csv")  # decided once: a file that appears afterwards is not pieval's
+
+
+SLOW = """
+import sys, time
+from pieval.leaderboard import output
+def slow(*args, **kwargs):
+    print("building", flush=True)
+    time.sleep(60)
+output.publish = slow
+from pieval.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_leaderboard_into_the_same_out_is_refused(old_board, capsys):
+    """While one `pieval leaderboard` writes --out, another is refused with the first one's pid and command."""
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW, "leaderboard", *NEW_ARGS, "--out", str(old_board)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout.readline() == "building\n"
+        assert main(["leaderboard", *NEW_ARGS, "--out", str(old_board)]) == 2
+    finally:
+        first.kill()
+        first.wait()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is being written by pid {first.pid} on host " in err, err
+    assert f"(pieval leaderboard {NEW_ARGS[0]} --out {old_board}); wait for that run to finish, or pass another --out" in err
+    leaderboard(old_board, NEW_ARGS)  # the first one was killed: its lock is taken over
+    assert "took over the lock" in capsys.readouterr().err
