@@ -25,7 +25,7 @@ from pieval import atomic  # noqa: E402
 from pieval.leaderboard import provenance, tables  # noqa: E402
 from pieval.leaderboard.build import METHOD_ORDER, Leaderboard  # noqa: E402
 from pieval.leaderboard.heatmap import heat_map  # noqa: E402
-from pieval.leaderboard.results import Problem, ResultsError, iter_samples  # noqa: E402
+from pieval.leaderboard.results import Problem, ResultsError, read_samples  # noqa: E402
 
 RC = {"svg.fonttype": "none", "svg.hashsalt": "pieval", "figure.dpi": 100}
 WINDOW_LABEL = "evaluation window W (tokens)"
@@ -164,10 +164,15 @@ def passkey_success(board: Leaderboard, problems: list[Problem]) -> dict[int, di
         for task, path in sorted(rf.samples.items()):
             if tables.table_of(rf, task) is not tables.BY_NAME["passkey"] or provenance.missing(rf):
                 continue
+            run = f"no heat map column for {_run_label(provenance.row_id(rf))} ({rf.label})"
             try:
-                rates = heat_map(iter_samples(path))
-            except (ResultsError, KeyError, TypeError) as e:
-                problems.append(Problem(str(path), f"{path}: not a pieval passkey samples log ({type(e).__name__}: {e}); no heat map"))
+                rates = heat_map(read_samples(rf, task))
+            except ResultsError as e:
+                problems.append(Problem(str(path), f"{run}: {e}"))
+                continue
+            except (KeyError, TypeError) as e:
+                why = f"{path.name} is not a pieval passkey samples log ({type(e).__name__}: {e})"
+                problems.append(Problem(str(path), f"{run}: {why}"))
                 continue
             for length, by_k in rates.items():
                 out.setdefault(length, {})[provenance.row_id(rf)] = by_k

@@ -9,6 +9,7 @@ writes ``x_<date_id>.json``. A bad file never stops the others: it becomes a `Pr
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,3 +130,39 @@ def iter_samples(path: Path) -> Iterator[dict]:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ResultsError(f"{path.name}:{lineno} is not JSON ({e.msg})") from None
+
+
+class IncompleteSamples(ResultsError):
+    """A samples log that holds fewer samples than its results file counts."""
+
+
+def read_samples(rf: ResultsFile, task: str) -> list[dict]:
+    """Every entry of ``task``'s samples log, checked whole against the results' ``n-samples``.
+
+    lm-eval writes the results file first and the samples logs after it, so a run killed in
+    between leaves a complete results file beside a samples log cut short (its last line
+    unterminated, or samples missing); such a log raises `IncompleteSamples` and is not used.
+    """
+    path = rf.samples[task]
+    name = (Path(rf.label).parent / path.name).as_posix()
+    fix = "the lm_eval run was cut short while writing it; re-run it with --log_samples"
+    if not _ends_a_line(path):
+        raise IncompleteSamples(f"{name} ends in a cut-off line; {fix}")
+    entries = list(iter_samples(path))
+    expected = ((rf.data.get("n-samples") or {}).get(task) or {}).get("effective")
+    if isinstance(expected, int):
+        docs: dict[object, set] = {}
+        for entry in entries:
+            docs.setdefault(entry.get("filter"), set()).add(entry.get("doc_id"))
+        got = min((len(d) for d in docs.values()), default=0)
+        if got < expected:
+            raise IncompleteSamples(f"{name} holds {got} of the {expected} samples its results file counts (n-samples); {fix}")
+    return entries
+
+
+def _ends_a_line(path: Path) -> bool:
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"

@@ -1,0 +1,255 @@
+"""Bad inputs through the real command line: one line of `CASES` per case.
+
+Each case runs its command as a user would (``pieval ...`` or ``lm_eval ...`` as a subprocess,
+``python -m``), in a fresh directory ``{tmp}`` that its ``setup`` fills, and requires its exit
+status, its message fragment in exactly one line of stderr, no traceback, and, for a refusal
+(non-zero status), nothing left behind: ``{tmp}`` holds what ``setup`` made, nothing more.
+
+To add a case, for this command or another one (``lm_eval --model pi_llama``, ``pieval
+finetune``, ``pieval info``), add a line: the arguments (``{tmp}``, ``{good}``, ``{bad}`` and
+``{repo}`` are filled in), the exit status, the fragment, and if it needs them a ``setup``
+(files, a lock holder: it gets ``{tmp}`` and an ExitStack for what must be stopped after),
+``unprivileged=True`` (so that permission bits apply even for root), ``mount`` (a directory
+under ``{tmp}`` that is a tmpfs for the run, read-only or tiny, in a user namespace) and
+``then`` (a check of what the command wrote); it runs in ``cwd`` (default ``{repo}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_locking import hold
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "results"
+GOOD, BAD = FIXTURES / "good", FIXTURES / "bad"
+PI_SAMPLES = "pi/models__kjv-llama-tiny/samples_passkey_2026-11-25T10-23-00.jsonl"
+PI_RESULTS = "pi/models__kjv-llama-tiny/results_2026-11-25T10-23-00.json"
+
+Setup = Callable[[Path, contextlib.ExitStack], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: tuple[str, ...]  # the program ("pieval", "lm_eval") and its arguments
+    status: int
+    message: str  # a fragment of one stderr line
+    setup: Setup | None = None
+    unprivileged: bool = False  # run where permission bits apply, even for root
+    mount: tuple[str, str] | None = None  # (a directory under {tmp}, tmpfs options): mounted so for the run
+    then: Callable[[Path], None] | None = None
+    writes: bool = False  # a non-zero status that still writes its output (--strict)
+    cwd: str = "{repo}"
+
+
+# ---------------------------------------------------------------- set-ups
+
+
+def a_file(name: str) -> Setup:
+    return lambda tmp, stack: (tmp / name).write_text("not a directory\n")
+
+
+def read_only_dir(name: str) -> Setup:
+    def setup(tmp: Path, stack: contextlib.ExitStack) -> None:
+        (tmp / name).mkdir()
+        (tmp / name).chmod(0o555)
+
+    return setup
+
+
+def held(name: str) -> Setup:
+    """Another run is writing into {tmp}/name."""
+
+    def setup(tmp: Path, stack: contextlib.ExitStack) -> None:
+        proc = hold(tmp / name)
+        stack.callback(proc.wait)
+        stack.callback(proc.kill)
+
+    return setup
+
+
+def killed_holder(name: str) -> Setup:
+    """A run into {tmp}/name was killed with SIGKILL, its lock file left behind."""
+
+    def setup(tmp: Path, stack: contextlib.ExitStack) -> None:
+        proc = hold(tmp / name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    return setup
+
+
+def cut_samples(keep_lines: int | None = None, cut_last_line: bool = False) -> Setup:
+    """{tmp}/pi: the PI run whose lm_eval died while writing its passkey samples log."""
+
+    def setup(tmp: Path, stack: contextlib.ExitStack) -> None:
+        shutil.copytree(GOOD / "pi", tmp / "pi")
+        path = tmp / PI_SAMPLES
+        lines = path.read_bytes().splitlines(keepends=True)
+        if keep_lines is not None:
+            lines = lines[:keep_lines]
+        if cut_last_line:
+            lines[-1] = lines[-1][: len(lines[-1]) // 2]
+        path.write_bytes(b"".join(lines))
+
+    return setup
+
+
+def a_foreign_table(name: str) -> Setup:
+    """{tmp}/name holds a passkey.csv that pieval did not write."""
+
+    def setup(tmp: Path, stack: contextlib.ExitStack) -> None:
+        (tmp / name).mkdir()
+        (tmp / name / "passkey.csv").write_text("my passkey notes\n")
+
+    return setup
+
+
+# ---------------------------------------------------------------- checks of what was written
+
+
+def no_heat_map_and_the_manifest_says_why(fragment: str) -> Callable[[Path], None]:
+    def check(tmp: Path) -> None:
+        assert (tmp / "lb" / "passkey.csv").is_file()  # the tables are all there
+        assert not list((tmp / "lb").glob("plots/passkey_heatmap_*"))
+        problems = json.loads((tmp / "lb" / "leaderboard.json").read_text())["problems"]
+        assert [p["message"] for p in problems if fragment in p["message"]], problems
+
+    return check
+
+
+def lock_released(tmp: Path) -> None:
+    assert (tmp / "lb" / "passkey.csv").is_file() and not (tmp / ".lb.lock").exists()
+
+
+LB = ("pieval", "leaderboard", "{good}")
+MOUNTED = "-- left in the mounted directory:"
+CUT = "the lm_eval run was cut short while writing it; re-run it with --log_samples"
+
+CASES = [
+    Case("leaderboard: --out is a file", (*LB, "--out", "{tmp}/file"), 2,
+         "pieval leaderboard: error: cannot write --out {tmp}/file: it is a file, not a directory; pass --out a directory",
+         setup=a_file("file")),
+    Case("leaderboard: --out below a file", (*LB, "--out", "{tmp}/file/board"), 2,
+         "error: cannot write --out {tmp}/file/board (at {tmp}/file): a file stands where a directory is needed; "
+         "pass --out a path whose parents are directories", setup=a_file("file")),
+    Case("leaderboard: --out in a read-only directory", (*LB, "--out", "{tmp}/ro/board"), 2,
+         "error: cannot write --out {tmp}/ro/board (at {tmp}/ro/, where it writes beside --out): permission denied; "
+         "pass --out a directory you can write", setup=read_only_dir("ro"), unprivileged=True),
+    Case("leaderboard: --out a read-only directory", (*LB, "--out", "{tmp}/ro"), 2,
+         "error: cannot write --out {tmp}/ro: permission denied; pass --out a directory you can write",
+         setup=read_only_dir("ro"), unprivileged=True),
+    Case("leaderboard: --out the current directory", (*LB, "--out", "."), 2,
+         "error: --out . is the current directory or holds it; pass --out a directory of its own (e.g. leaderboards/)",
+         cwd="{tmp}"),
+    Case("leaderboard: --out on a read-only file system", (*LB, "--out", "{tmp}/ro/board"), 2,
+         "error: cannot write --out {tmp}/ro/board (at {tmp}/ro/, where it writes beside --out): read-only file system; "
+         "pass --out a directory on a writable file system", mount=("ro", "ro")),
+    Case("leaderboard: --out on a full disk", (*LB, "--out", "{tmp}/full/board"), 2,
+         "error: cannot write --out {tmp}/full/board: no space left on the device; free some space, or pass --out "
+         "a directory on another disk", mount=("full", "size=8k")),
+    Case("leaderboard: a foreign file where a table goes", (*LB, "--out", "{tmp}/lb"), 2,
+         "error: cannot write --out {tmp}/lb: {tmp}/lb/passkey.csv was not written by pieval leaderboard and is in the "
+         "way of a file it writes; move it out of {tmp}/lb, or pass another --out", setup=a_foreign_table("lb")),
+    Case("leaderboard: a second run into the same --out", (*LB, "--out", "{tmp}/lb"), 2,
+         "error: {tmp}/lb is being written by pid", setup=held("lb")),
+    Case("leaderboard: a second run names the fix", (*LB, "--out", "{tmp}/lb"), 2,
+         "; wait for that run to finish, or pass another --out (lock file: {tmp}/.lb.lock)", setup=held("lb")),
+    Case("leaderboard: a lock left by a killed run", (*LB, "--out", "{tmp}/lb"), 0,
+         "pieval leaderboard: note: took over the lock {tmp}/.lb.lock left by pid", setup=killed_holder("lb"),
+         then=lock_released),
+    Case("leaderboard: a samples log cut mid-line", ("pieval", "leaderboard", "{tmp}/pi", "--out", "{tmp}/lb", "--plots"), 0,
+         f"pieval leaderboard: skipped: no heat map column for models/kjv-llama-tiny PI ({PI_RESULTS}): {PI_SAMPLES} "
+         f"ends in a cut-off line; {CUT}", setup=cut_samples(cut_last_line=True),
+         then=no_heat_map_and_the_manifest_says_why("ends in a cut-off line")),
+    Case("leaderboard: a samples log short of samples, --strict",
+         ("pieval", "leaderboard", "{tmp}/pi", "--out", "{tmp}/lb", "--plots", "--strict"), 1,
+         f"skipped: no heat map column for models/kjv-llama-tiny PI ({PI_RESULTS}): {PI_SAMPLES} holds 13 of the 16 "
+         f"samples its results file counts (n-samples); {CUT}", setup=cut_samples(keep_lines=13),
+         then=no_heat_map_and_the_manifest_says_why("holds 13 of the 16"), writes=True),
+    Case("leaderboard: nothing to build from", ("pieval", "leaderboard", "{bad}/foreign", "--out", "{tmp}/lb"), 2,
+         "error: no measured row could be built from {bad}/foreign (1 input(s) skipped, see above); nothing written to {tmp}/lb"),
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------- the runner
+
+
+def _can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as probe:
+        probed = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {probe}"], capture_output=True)
+    return probed.returncode == 0
+
+
+def _unprivileged() -> list[str] | None:
+    """A command prefix under which permission bits apply: none needed for a user, for root one
+    without the capabilities that override them; None where that cannot be had."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        return None
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+def _command(argv: tuple[str, ...], fill: dict[str, str]) -> list[str]:
+    program, *args = (a.format(**fill) for a in argv)
+    return [sys.executable, "-m", {"pieval": "pieval", "lm_eval": "lm_eval"}[program], *args]
+
+
+def _listing(tmp: Path) -> list[str]:
+    return sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case):
+    if case.mount and not _can_mount():
+        pytest.skip("no user namespaces here to mount a file system")
+    prefix = _unprivileged() if case.unprivileged else []
+    if prefix is None:
+        pytest.skip("running as root without setpriv: permission bits do not apply")
+    tmp = Path(tempfile.mkdtemp(prefix="pieval-bad-input-"))
+    fill = {"tmp": str(tmp), "good": str(GOOD), "bad": str(BAD), "repo": str(REPO)}
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        stack.callback(lambda: [p.chmod(0o755) for p in tmp.rglob("*") if p.is_dir() and not p.is_symlink()])
+        if case.setup:
+            case.setup(tmp, stack)
+        before = _listing(tmp)
+        command = prefix + _command(case.argv, fill)
+        if case.mount:
+            where, options = case.mount
+            (tmp / where).mkdir()
+            before = _listing(tmp)
+            # the mount lives as long as the command: what it left there is listed on stdout after it
+            script = f'mount -t tmpfs -o {options} tmpfs "$0" || exit 99; "$@"; rc=$?; echo "{MOUNTED}"; '
+            script += 'find "$0" -mindepth 1; exit $rc'
+            command = ["unshare", "-rm", "sh", "-c", script, str(tmp / where), *command]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        run = subprocess.run(
+            command, capture_output=True, text=True, cwd=case.cwd.format(**fill), env=env, timeout=300
+        )  # fmt: skip
+        message = case.message.format(**fill)
+        assert run.returncode == case.status, run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+        assert [line for line in run.stderr.splitlines() if message in line], (message, run.stderr)
+        if case.status != 0 and not case.writes:
+            assert run.stderr.splitlines()[-1].startswith(f"{case.argv[0]} "), run.stderr  # the last word is the refusal
+            assert _listing(tmp) == before  # nothing left behind
+            if case.mount:
+                assert run.stdout.split(f"{MOUNTED}\n")[-1] == "", run.stdout
+        if case.then:
+            case.then(tmp)
