@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import types
 import typing
@@ -25,15 +26,24 @@ from pieval.errors import UserError
 # (plain jsonl.zst files, so `datasets` streams it without a loading script).
 DEFAULT_HUB_DATA = "monology/pile-uncopyrighted"
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(UserError):
     """One or more invalid settings; the message lists each with its fix."""
 
 
-def _opt(default, help: str, **kw):
+def _opt(default, help: str, runtime: bool = False, **kw):
+    """A setting: its default, its --help line, and whether it is ``runtime`` (see `RUNTIME_FIELDS`)."""
+    metadata = {"help": help, "runtime": runtime, **kw}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Values renamed since: still accepted, with a one-line warning, and read as the new one
+# (also in the run.json of a run made before, so resuming it finds the same run).
+_RENAMED = {"method": {"none": "direct"}}
 
 
 @dataclass
@@ -43,7 +53,7 @@ class FinetuneConfig:
     gguf_file: str | None = _opt(None, "a GGUF file inside --model's directory (loaded dequantized; checkpoints are plain safetensors)")
     scaling_factor: float | None = _opt(None, "s = L'/L, relative to the checkpoint's trained window L")
     context_length: int | None = _opt(None, "target window L' (alternative to --scaling-factor)")
-    method: str = _opt("pi", "pi: Position Interpolation; none: the paper's direct fine-tuning baseline (train at L', rope unchanged)", choices=("pi", "none"))
+    method: str = _opt("pi", "pi: Position Interpolation; direct: the paper's direct fine-tuning baseline (train at L', rope unchanged; 'none' is its old name)", choices=("pi", "direct"))
     task: str = _opt("lm", "lm: next-token loss on packed documents; govreport: PI prompt + summary, loss on the summary only", choices=("lm", "govreport"))
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you pass it)")
     # --- data
@@ -54,9 +64,9 @@ class FinetuneConfig:
     text_field: str = _opt("text", "jsonl/parquet/hub field holding the text (--task lm)")
     shuffle_buffer: int = _opt(10_000, "documents held for the seeded streaming shuffle (1 = file order)")
     # --- the paper's optimisation recipe (Sec. 3.1)
-    max_steps: int = _opt(protocol.FINETUNE_STEPS, "optimizer steps")
+    max_steps: int = _opt(protocol.FINETUNE_STEPS, "optimizer steps", runtime=True)
     global_batch: int = _opt(protocol.FINETUNE_GLOBAL_BATCH, "sequences per optimizer step, over all processes")
-    micro_batch: int = _opt(1, "sequences per forward pass per process (the rest is gradient accumulation)")
+    micro_batch: int = _opt(1, "sequences per forward pass per process (the rest is gradient accumulation)", runtime=True)
     lr: float = _opt(protocol.FINETUNE_LR, "peak learning rate")
     warmup_steps: int = _opt(protocol.FINETUNE_WARMUP_STEPS, "linear warm-up steps")
     warmup_start: float = _opt(protocol.FINETUNE_WARMUP_START, "warm-up starts at this fraction of the peak lr")
@@ -66,8 +76,8 @@ class FinetuneConfig:
     max_grad_norm: float = _opt(1.0, "gradient-norm clipping (0 = off)")
     seed: int = _opt(0, "seed for data order and initialisation of anything random (LoRA)")
     precision: str = _opt("auto", "auto (bf16 where the GPU has it, fp32 on CPU), bf16, fp16 or fp32", choices=("auto", "bf16", "fp16", "fp32"))
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
-    attn_implementation: str | None = _opt(None, "transformers attention kernel, e.g. sdpa or flash_attention_2")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)", runtime=True)
+    attn_implementation: str | None = _opt(None, "transformers attention kernel, e.g. sdpa or flash_attention_2", runtime=True)
     # --- LoRA (peft); the merged model is what gets saved
     lora: bool = _opt(False, "train LoRA adapters instead of all weights (checkpoints hold the merged model)")
     lora_r: int = _opt(8, "LoRA rank")
@@ -75,25 +85,25 @@ class FinetuneConfig:
     lora_dropout: float = _opt(0.0, "LoRA dropout")
     lora_target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
     # --- output, checkpoints, resume
-    output: str | None = _opt(None, "run directory (required)")
-    save_every: int = _opt(200, "save a checkpoint every N steps (and always at the end)")
-    keep_training_state: int = _opt(2, "keep optimizer/RNG state in only the newest N checkpoints (0 = all)")
-    resume: bool = _opt(False, "continue from the newest complete checkpoint in --output")
-    overwrite: bool = _opt(False, "replace a different run found in --output")
+    output: str | None = _opt(None, "run directory (required)", runtime=True)
+    save_every: int = _opt(200, "save a checkpoint every N steps (and always at the end)", runtime=True)
+    keep_training_state: int = _opt(2, "keep optimizer/RNG state in only the newest N checkpoints (0 = all)", runtime=True)
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in --output", runtime=True)
+    overwrite: bool = _opt(False, "replace a different run found in --output", runtime=True)
     # --- evaluate as it trains
-    eval_tasks: list[str] = _opt([], "lm-eval tasks run on each evaluated checkpoint, e.g. passkey,pg19_ppl")
-    eval_every: int | None = _opt(None, "evaluate every N steps (default: every saved checkpoint); step 0 and the end are always evaluated")
-    eval_limit: float | None = _opt(None, "lm-eval --limit (documents per task) for quick runs")
-    eval_batch_size: int = _opt(1, "lm-eval batch size")
-    eval_metadata: dict = _opt({}, 'lm-eval --metadata for the tasks, JSON, e.g. {"data_path": "books/"}')
-    eval_include_path: str | None = _opt(None, "extra directory of lm-eval task YAMLs")
-    eval_log_samples: bool = _opt(False, "also write lm-eval's per-sample logs (as --log_samples); pieval leaderboard draws passkey heat maps from them")
+    eval_tasks: list[str] = _opt([], "lm-eval tasks run on each evaluated checkpoint, e.g. passkey,pg19_ppl", runtime=True)
+    eval_every: int | None = _opt(None, "evaluate every N steps (default: every saved checkpoint); step 0 and the end are always evaluated", runtime=True)
+    eval_limit: float | None = _opt(None, "lm-eval --limit (documents per task) for quick runs", runtime=True)
+    eval_batch_size: int = _opt(1, "lm-eval batch size", runtime=True)
+    eval_metadata: dict = _opt({}, 'lm-eval --metadata for the tasks, JSON, e.g. {"data_path": "books/"}', runtime=True)
+    eval_include_path: str | None = _opt(None, "extra directory of lm-eval task YAMLs", runtime=True)
+    eval_log_samples: bool = _opt(False, "also write lm-eval's per-sample logs (as --log_samples); pieval leaderboard draws passkey heat maps from them", runtime=True)
     # Multi-process runs: the other processes wait at a barrier while the main one evaluates, and
     # torch's default process-group timeout (10 min for NCCL) is shorter than a long-context evaluation.
-    barrier_timeout_min: int = _opt(180, "minutes processes may wait for each other (evaluations included)")
+    barrier_timeout_min: int = _opt(180, "minutes processes may wait for each other (evaluations included)", runtime=True)
     # --- logging
-    log_with: str | None = _opt(None, "also log to tensorboard or wandb (must be installed)", choices=("tensorboard", "wandb"))
-    progress: bool = _opt(True, "show a progress bar")
+    log_with: str | None = _opt(None, "also log to tensorboard or wandb (must be installed)", choices=("tensorboard", "wandb"), runtime=True)
+    progress: bool = _opt(True, "show a progress bar", runtime=True)
 
     # ------------------------------------------------------------------ loading
 
@@ -122,6 +132,7 @@ class FinetuneConfig:
     def build(cls, settings: dict) -> FinetuneConfig:
         """Coerce values (strings from the CLI, numbers from YAML) to the field types, then validate."""
         errors, values = [], {}
+        settings = renamed(settings, log.warning)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in settings:
@@ -137,13 +148,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    # ------------------------------------------------------------------ derived
-
-    @property
-    def grad_accum(self) -> int:
-        """Micro-batches per optimizer step in a single process (`steps_per_process` for several)."""
-        return self.global_batch // self.micro_batch
 
     # ------------------------------------------------------------------ validation
 
@@ -191,20 +195,26 @@ class FinetuneConfig:
             raise ConfigError("invalid fine-tuning settings:\n  " + "\n  ".join(e))
 
 
-# Settings that may change when a run is resumed (extend it, evaluate more, log differently);
-# every other setting defines the run, and a different value means a different run.
-RUNTIME_FIELDS = frozenset(
-    {
-        "max_steps", "save_every", "keep_training_state", "resume", "overwrite", "micro_batch",
-        "gradient_checkpointing", "attn_implementation", "eval_tasks", "eval_every", "eval_limit",
-        "eval_batch_size", "eval_metadata", "eval_include_path", "eval_log_samples", "barrier_timeout_min", "log_with",
-        "progress", "output",
-    }
-)  # fmt: skip
+# Settings that may change when a run is resumed (extend it, evaluate more, log differently):
+# those marked runtime=True. Every other setting defines the run, and a different value means
+# a different run.
+RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata["runtime"])
 
 
 def run_identity(config: FinetuneConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def renamed(settings: dict, warn=None) -> dict:
+    """``settings`` with renamed values replaced by their current names; ``warn(line)`` for each."""
+    out = dict(settings)
+    for name, names in _RENAMED.items():
+        old = out.get(name)
+        if isinstance(old, str) and old in names:
+            out[name] = names[old]
+            if warn is not None:
+                warn(f"--{name.replace('_', '-')} {old} is deprecated: use --{name.replace('_', '-')} {names[old]}")
+    return out
 
 
 def _coerce(value, hint):
