@@ -38,7 +38,7 @@ def describe(config) -> dict:
 
 def _finetune_line(made: dict) -> str:
     """e.g. "directly to L'=1024, 200 steps from models/kjv-llama-tiny"."""
-    how = "directly" if made.get("method") == "direct" else f"with {str(made.get('method')).upper()} s={made.get('factor'):g}"
+    how = "directly" if made.get("method") == "direct" else f"with PI s={float(made.get('factor') or 1):g}"
     return f"{how} to L'={made.get('context_length')}, {made.get('steps')} steps from {made.get('base_model')}"
 
 
