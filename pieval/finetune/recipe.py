@@ -5,8 +5,13 @@
 2. Stream documents in a seeded order and pack them into sequences of exactly L' tokens.
 3. AdamW (0.9, 0.95), no weight decay, lr 2e-5 after a 20-step linear warm-up from 10%,
    64 sequences per step through gradient accumulation, bf16 on GPUs that have it.
-4. Every ``save_every`` steps and at the end, write a plain Hugging Face checkpoint (and the
-   state to resume from); optionally evaluate it with lm-eval tasks.
+4. Every ``save_every`` steps and at the end, write a plain Hugging Face checkpoint that
+   records how it was made (``pieval.facts``), and the state to resume from; optionally
+   evaluate it with lm-eval tasks.
+
+`Run` holds a run's state and reads in phases, as torchtune's recipes do: ``setup`` (run
+directory, model, optimizer, resume), ``catch_up`` (evaluations a killed run missed),
+``train`` (``train_step``, ``save``, ``evaluate``) and ``cleanup``.
 
 Devices, mixed precision, gradient accumulation and multi-GPU (DDP, FSDP, DeepSpeed through
 ``accelerate launch``) are accelerate's; this file holds no distribution code of its own.
@@ -185,15 +190,25 @@ class Run:
     reassigned variables); ``step`` and ``tokens_seen`` advance in `train_step`.
     """
 
+    # built by setup()
+    model: torch.nn.Module  # prepared by accelerate (DDP/FSDP/DeepSpeed wrapper, or the model)
+    tokenizer: object
+    spec: rope.RopeSpec
+    save_dtype: torch.dtype
+    facts: FinetuneFacts  # what each saved checkpoint records, at step 0
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    examples: PackedSequences | SupervisedExamples
+
     def __init__(self, config: FinetuneConfig, accelerator, procs: int) -> None:
         self.config, self.accelerator, self.procs = config, accelerator, procs
         self.output = Path(config.output).expanduser()
         self.per_process = config.global_batch // procs
-        self.accum = self.per_process // config.micro_batch
+        self.accum = self.per_process // config.micro_batch  # micro-batches per optimizer step and process
         self.settings = config.to_dict()
         self.bar = None
         self.step, self.tokens_seen, self.last = 0, 0, None
-        self.evaluator = None
+        self.evaluator: Evaluator | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -213,7 +228,7 @@ class Run:
             )
         accelerator = Accelerator(
             cpu=cpu,
-            gradient_accumulation_steps=config.global_batch // procs // config.micro_batch,
+            gradient_accumulation_steps=config.global_batch // (procs * config.micro_batch),
             mixed_precision=_mixed_precision(config.precision),
             log_with=_tracker(config.log_with),
             project_dir=str(Path(config.output).expanduser() / "logs"),
