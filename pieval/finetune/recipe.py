@@ -75,8 +75,7 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def load_model(config: FinetuneConfig):
-    """(model, tokenizer, rope spec, dtype to save in, its config): the model built with the
-    interpolation in place."""
+    """(model, tokenizer, rope spec, dtype to save in): the model built with the interpolation in place."""
     from transformers import AutoModelForCausalLM
 
     source = loading.Source.of(config.model, config.gguf_file, trust_remote_code=config.trust_remote_code)
@@ -121,11 +120,14 @@ def load_model(config: FinetuneConfig):
                 task_type="CAUSAL_LM",
             ),
         )
-    return model, tokenizer, spec, save_dtype, hf_config
+    return model, tokenizer, spec, save_dtype
 
 
-def finetune_facts(config: FinetuneConfig, spec: rope.RopeSpec, base_config, hash_weights: bool = True) -> FinetuneFacts:
-    """What every checkpoint of this run records about how it was made (`pieval.facts`), at step 0."""
+def finetune_facts(config: FinetuneConfig, spec: rope.RopeSpec, model_config, hash_weights: bool = True) -> FinetuneFacts:
+    """What every checkpoint of this run records about how it was made (`pieval.facts`), at step 0.
+
+    ``model_config`` is the built model's config: its ``_commit_hash`` is the base's hub revision.
+    """
     source = loading.Source.of(config.model, config.gguf_file)
     data = config.data
     if data is None and config.task == "govreport":
@@ -139,7 +141,7 @@ def finetune_facts(config: FinetuneConfig, spec: rope.RopeSpec, base_config, has
         context_length=spec.context_length,
         steps=0,
         base_model=config.model,
-        base_revision=getattr(base_config, "_commit_hash", None),
+        base_revision=getattr(model_config, "_commit_hash", None),
         base_sha=ckpt.weights_sha(source) if hash_weights else None,
         data=data,
         data_revision=config.data_revision,
@@ -250,9 +252,9 @@ class Run:
 
     def _build_model(self) -> None:
         config = self.config
-        self.model, self.tokenizer, self.spec, self.save_dtype, base_config = load_model(config)
+        self.model, self.tokenizer, self.spec, self.save_dtype = load_model(config)
         # Only the main process writes checkpoints, so only it reads the base weights to hash them.
-        self.facts = finetune_facts(config, self.spec, base_config, hash_weights=self.accelerator.is_main_process)
+        self.facts = finetune_facts(config, self.spec, self.model.config, hash_weights=self.accelerator.is_main_process)
         self.log(
             f"{config.method}: {config.model} L={self.spec.base_window} -> L'={self.spec.context_length} "
             f"(s={self.spec.factor:g}), {_count(self.model)} trainable parameters, {self.procs} process(es) x "
