@@ -2,6 +2,8 @@
 
 Defaults are the paper's recipe (`pieval.protocol`, Sec. 3.1). The command line is generated
 from the fields (each field's ``help`` metadata), so a setting exists once: in this file.
+Each field also says its group (a --help heading; flags and YAML keys stay flat) and whether
+it is ``runtime``: free to change when a run is resumed, and so not part of the run's identity.
 `validate` collects every invalid setting into one `ConfigError`, as litgpt's
 ``validate_args`` does, so a user fixes a config in one round trip.
 """
