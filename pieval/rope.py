@@ -83,9 +83,10 @@ def rope_parameters(config) -> dict[str, Any]:
 def base_window(config) -> int:
     """L: the window the checkpoint was pre-trained on, also for an already-extended checkpoint.
 
-    A checkpoint `pieval finetune` wrote records it (`pieval.facts`). yarn/llama3/longrope record it as ``original_max_position_embeddings``; a linear (PI)
-    checkpoint records L' = s·L in ``max_position_embeddings`` (the convention of PI and
-    LongChat checkpoints, and of ``apply``); dynamic NTK keeps L there.
+    A checkpoint `pieval finetune` wrote records it (`pieval.facts`). yarn/llama3/longrope
+    record it as ``original_max_position_embeddings``; a linear (PI) checkpoint records
+    L' = s·L in ``max_position_embeddings`` (the convention of PI and LongChat checkpoints,
+    and of ``apply``); dynamic NTK keeps L there.
     """
     params = rope_parameters(config)
     recorded = facts.recorded(config).get("base_window")
