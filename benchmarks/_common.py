@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 CPU cores (kept alive by a test)")
+    p.add_argument("--quick", action="store_true", help="small sizes, seconds: checks that the script runs and agrees with its reference (kept alive by a test); ratios indicative only")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="auto: float32 on CPU, bfloat16 on CUDA")

@@ -21,7 +21,7 @@ glibc returning freed blocks: live tensors only) and the wall time of scoring th
 (on the CPU in another worker, with the default allocator). Usage:
 
     python benchmarks/perplexity_memory.py            # W = 1024..8192, stride 256
-    python benchmarks/perplexity_memory.py --quick    # W = 256, 512, stride 128 (< 2 minutes on 2 cores)
+    python benchmarks/perplexity_memory.py --quick    # W = 256, 512, stride 128, one worker (seconds)
     python benchmarks/perplexity_memory.py --device cuda
     python benchmarks/perplexity_memory.py --model models/smollm2-135m/hf --windows 4096 8192 --windows-each 2
 """
@@ -67,7 +67,9 @@ def main() -> int:
                        help=f"random model's shape (default {default})")
     args = p.parse_args()
     if args.worker:
-        c.report(worker(json.loads(args.worker)))
+        spec = json.loads(args.worker)
+        # --quick hands one worker the whole list: one interpreter start instead of twelve
+        c.report({"results": [worker(s) for s in spec]} if isinstance(spec, list) else worker(spec))
         return 0
 
     windows = args.windows or ([256, 512] if args.quick else [1024, 2048, 4096, 8192])
@@ -94,25 +96,43 @@ def main() -> int:
         stream = f"each W its own stream of (W-1) + {args.windows_each - 1} strides ({', '.join(map(str, tokens.values()))} tokens)"
     print(f"model: {describe(args.model, shape)}, {dtype}; {stream}, stride {args.stride}")
 
-    results: dict[tuple[str, int], dict] = {}
-    for w in windows:
-        for variant in VARIANTS:
-            spec = {"variant": variant, "window": w, "stride": args.stride, "tokens": tokens[w], "seed": args.seed,
-                    "device": args.device, "dtype": dtype, "shape": vars(shape), "model": args.model,
-                    "head_chunk": args.head_chunk}  # fmt: skip
-            r = results[variant, w] = c.run_worker(__file__, spec, live_memory=True)
-            if args.device == "cpu":
-                # time in a second fresh worker: the allocator setting that makes the CPU peak
-                # exact slows allocation-heavy code (see _common.LIVE_MEMORY_ENV); it does not
-                # touch GPU memory, so on CUDA the memory worker's time is the time
-                timed = c.run_worker(__file__, spec)
-                if timed["ppl"] != r["ppl"]:
-                    raise RuntimeError(f"{variant} at W={w}: ppl {timed['ppl']} in the timed run, {r['ppl']} in the memory run")
-                r["seconds"] = timed["seconds"]
+    specs = {
+        (variant, w): {"variant": variant, "window": w, "stride": args.stride, "tokens": tokens[w], "seed": args.seed,
+                       "device": args.device, "dtype": dtype, "shape": vars(shape), "model": args.model,
+                       "head_chunk": args.head_chunk}
+        for w in windows for variant in VARIANTS
+    }  # fmt: skip
+    if args.quick:
+        # A check that the script runs and its variants agree, in seconds: every measurement in one
+        # worker (the high-water mark is reset before each) and its times taken under the same
+        # allocator setting, so the ratios are indicative only.
+        measured = c.run_worker(__file__, list(specs.values()), live_memory=True)["results"]
+        results = dict(zip(specs, measured))
+        for (variant, w), r in results.items():
             print(f"  W={w:5d} {variant:6s} {r['windows']} windows  peak {r['peak_mb']:8.1f} MiB  {r['seconds']:7.2f} s  ppl {r['ppl']:.6g}", flush=True)
+        print("quick: one worker for all runs; ratios are indicative only (run without --quick to measure)")
+    else:
+        results = measure(specs, args.device)
     print(f"memory: {results['pieval', windows[0]]['memory_method']}, above the loaded model "
           f"({results['pieval', windows[0]]['model_mb']:.0f} MiB of weights)")
     return summarize(results, windows, dtype)
+
+
+def measure(specs: dict, device: str) -> dict:
+    """Each (variant, W) in fresh workers: one for its peak memory, on the CPU another for its time."""
+    results: dict[tuple[str, int], dict] = {}
+    for (variant, w), spec in specs.items():
+        r = results[variant, w] = c.run_worker(__file__, spec, live_memory=True)
+        if device == "cpu":
+            # time in a second fresh worker: the allocator setting that makes the CPU peak
+            # exact slows allocation-heavy code (see _common.LIVE_MEMORY_ENV); it does not
+            # touch GPU memory, so on CUDA the memory worker's time is the time
+            timed = c.run_worker(__file__, spec)
+            if timed["ppl"] != r["ppl"]:
+                raise RuntimeError(f"{variant} at W={w}: ppl {timed['ppl']} in the timed run, {r['ppl']} in the memory run")
+            r["seconds"] = timed["seconds"]
+        print(f"  W={w:5d} {variant:6s} {r['windows']} windows  peak {r['peak_mb']:8.1f} MiB  {r['seconds']:7.2f} s  ppl {r['ppl']:.6g}", flush=True)
+    return results
 
 
 def stream_length(args, window: int, windows: list[int]) -> int:

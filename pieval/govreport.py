@@ -2,7 +2,7 @@
 
 The document is cut to its first ``max_doc_tokens`` model tokens (15000), put in the paper's
 prompt, and the model writes up to ``max_gen_toks`` (1000) tokens, sampled at T=0.5, top-p 0.95
-(``--metadata '{"greedy": true}'`` for greedy). The whole generation is the summary: unlike
+(``--metadata '{"greedy": true}'`` for greedy; every key: ``GovReportSettings``). The whole generation is the summary: unlike
 lm-eval's ``scrolls_govreport`` it is not cut at the first newline (a multi-paragraph summary
 would lose everything after its first paragraph).
 
@@ -12,7 +12,8 @@ run reports their mean over documents (a macro average, not ROUGE of the concate
 
 Data: the SCROLLS ``gov_report`` validation split (972 documents) read from the jsonl that the
 ``tau/scrolls`` hub repo publishes in ``gov_report.zip`` (its loading script no longer runs under
-``datasets`` >= 4), or a local jsonl with ``document`` and ``summary`` fields (``data_path``).
+``datasets`` >= 4; ``dataset_split``, ``dataset_revision``), or a local jsonl with ``document`` and
+``summary`` fields (``data_path``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from lm_eval.api.metrics import mean
-
-from pieval import documents
+from pieval import documents, task_settings
 from pieval.errors import UserError
 from pieval.protocol import (
     GOVREPORT_MAX_DOC_TOKENS,
@@ -129,9 +128,6 @@ def generate(
     max_gen_toks: int = GOVREPORT_MAX_GEN_TOKS,
     max_docs: int | None = None,
 ) -> list[dict[str, Any]]:
-    for name, value in (("max_doc_tokens", max_doc_tokens), ("max_gen_toks", max_gen_toks)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"govreport_pi metadata {name} must be a positive integer (got {value!r})")
     rows = []
     for report in reports:
         if max_docs is not None and len(rows) >= max_docs:
@@ -154,25 +150,55 @@ def generate(
     return rows
 
 
+@task_settings.register("govreport_pi")
+@dataclass(frozen=True)
+class GovReportSettings:
+    """The govreport_pi task's metadata keys; dataset keys are namespaced (``revision`` is the model's)."""
+
+    data_path: str | None = None  # a local jsonl with "document"/"summary"; None: SCROLLS from the hub
+    dataset_split: str = "validation"
+    dataset_revision: str = "main"  # of the tau/scrolls hub repo
+    max_docs: int | None = None
+    max_doc_tokens: int = GOVREPORT_MAX_DOC_TOKENS
+    max_gen_toks: int = GOVREPORT_MAX_GEN_TOKS
+    greedy: bool = False  # False: the paper's sampling (T=0.5, top-p 0.95)
+
+    DEPRECATED = {"split": "dataset_split"}
+
+    def __post_init__(self) -> None:
+        task_settings.raise_problems(
+            "govreport_pi",
+            [
+                task_settings.optional_string("data_path", self.data_path),
+                task_settings.string("dataset_split", self.dataset_split),
+                task_settings.string("dataset_revision", self.dataset_revision),
+                task_settings.optional_positive_int("max_docs", self.max_docs),
+                task_settings.positive_int("max_doc_tokens", self.max_doc_tokens),
+                task_settings.positive_int("max_gen_toks", self.max_gen_toks),
+                task_settings.boolean("greedy", self.greedy),
+            ],
+        )
+
+
 def build_dataset(render=None, chat: bool = False, **metadata: Any):
     """The task's documents, fitted to the window as sent after ``render`` (with a chat template too:
-    the prompt ends with "Summary:" in the user's turn either way). Metadata keys: ``data_path``,
-    ``split``, ``revision``, ``max_docs``, ``max_doc_tokens``, ``max_gen_toks`` (plus ``greedy``, read by the task)."""
+    the prompt ends with "Summary:" in the user's turn either way). Keys: ``GovReportSettings``."""
     import datasets
 
     from pieval import task_model
 
+    settings = task_settings.from_metadata(GovReportSettings, metadata, "govreport_pi")
     model = task_model.from_metadata(metadata, "govreport_pi", render)
-    if metadata.get("data_path"):
-        reports = iter_local(metadata["data_path"])
+    if settings.data_path:
+        reports = iter_local(settings.data_path)
     else:
-        reports = iter_scrolls(metadata.get("split") or "validation", metadata.get("revision") or "main")
+        reports = iter_scrolls(settings.dataset_split, settings.dataset_revision)
     rows = generate(
         model,
         reports,
-        max_doc_tokens=metadata.get("max_doc_tokens", GOVREPORT_MAX_DOC_TOKENS),
-        max_gen_toks=metadata.get("max_gen_toks", GOVREPORT_MAX_GEN_TOKS),
-        max_docs=metadata.get("max_docs"),
+        max_doc_tokens=settings.max_doc_tokens,
+        max_gen_toks=settings.max_gen_toks,
+        max_docs=settings.max_docs,
     )
     return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
 
@@ -220,14 +246,8 @@ class GovReportTask(GeneratedPromptTask):
     def __init__(self, config: dict | None = None):
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         super().__init__(config=config)
-        greedy = (self.config.metadata or {}).get("greedy", False)
-        if not isinstance(greedy, bool):
-            raise UserError(f"govreport_pi metadata greedy must be true or false (got {greedy!r})")
+        greedy = task_settings.from_metadata(GovReportSettings, self.config.metadata or {}, "govreport_pi").greedy
         self.config.generation_kwargs = generation_kwargs(greedy, self.dataset["test"][0]["max_gen_toks"])
-        # Only ROUGE (not generate_until's default exact_match); process_results scores.
-        self._aggregation_list = dict.fromkeys(ROUGE_TYPES, mean)
-        self._metric_fn_list = dict.fromkeys(ROUGE_TYPES)
-        self._higher_is_better = dict.fromkeys(ROUGE_TYPES, True)
 
     def construct_requests(self, doc, ctx, **kwargs):
         check_generation_budget("govreport_pi", self.config.generation_kwargs, doc["max_gen_toks"])

@@ -22,6 +22,7 @@ _OFF = frozenset({"0", "false", "no", "off"})
 
 # module -> name of the pieval.lmeval function to run once that module has executed
 _AFTER_IMPORT = {
+    "lm_eval._cli.utils": "cli_errors",  # the CLI's argument parsers, which run before any model loads
     "lm_eval.models": "register_model",
     "lm_eval.tasks": "include_tasks",
 }

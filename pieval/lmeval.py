@@ -41,6 +41,13 @@ def register_model() -> None:
         _user_errors_as_one_line()
 
 
+def cli_errors() -> None:
+    """One-line errors from the start of an ``lm_eval`` command, before any model or task loads
+    (a malformed ``--metadata``/``--model_args`` JSON)."""
+    if _is_lm_eval_cli(sys.argv):
+        _user_errors_as_one_line()
+
+
 def _is_lm_eval_cli(argv: list[str]) -> bool:
     """The ``lm_eval``/``lm-eval`` console scripts or ``python -m lm_eval``."""
     first = Path(argv[0]) if argv else Path()
@@ -50,7 +57,8 @@ def _is_lm_eval_cli(argv: list[str]) -> bool:
 def _user_errors_as_one_line() -> None:
     """lm-eval's CLI lets every exception end in a traceback; a pieval UserError (a bad
     model_arg or task metadata) already names the bad value and the fix, so the CLI prints
-    just that, like an argparse error. Other exceptions keep their traceback."""
+    just that, like an argparse error. Other exceptions keep their traceback, except the one
+    a model without pieval's sliding-window request type raises (``unsupported_request``)."""
     from pieval.errors import UserError
 
     previous = sys.excepthook
@@ -58,6 +66,7 @@ def _user_errors_as_one_line() -> None:
         return
 
     def hook(kind, value, tb):
+        value = unsupported_request(value) or malformed_argument(value, tb) or value
         if isinstance(value, UserError):
             print(f"lm_eval: error: {value}", file=sys.stderr)
         else:
@@ -65,6 +74,39 @@ def _user_errors_as_one_line() -> None:
 
     hook.pieval = True
     sys.excepthook = hook
+
+
+def malformed_argument(error: BaseException, tb):
+    """A UserError for the ValueError lm-eval's argument parser raises on malformed JSON, else None.
+
+    lm-eval's message already names the value and the fix ("Invalid JSON: ... Hint: Use double
+    quotes ..."); only the traceback around it goes.
+    """
+    if not isinstance(error, ValueError) or tb is None:
+        return None
+    import traceback
+
+    frames = traceback.extract_tb(tb)
+    inner = frames[-1] if frames else None
+    if inner is None or inner.name != "try_parse_json" or Path(inner.filename).parent.name != "_cli":
+        return None
+    from pieval.errors import UserError
+
+    return UserError(f"{error} (in --metadata or --model_args)")
+
+
+def unsupported_request(error: BaseException):
+    """The one-line error for a model that lacks ``loglikelihood_sliding``, else None.
+
+    lm-eval's evaluator dispatches requests with ``getattr(lm, request_type)`` and hands tasks
+    no model before that, so the AttributeError it raises is where the perplexity tasks learn
+    that the model cannot serve them.
+    """
+    if not isinstance(error, AttributeError):
+        return None
+    from pieval.perplexity_task import REQUEST_TYPE, unsupported_model
+
+    return unsupported_model(error.obj) if error.name == REQUEST_TYPE else None
 
 
 def include_tasks() -> None:

@@ -25,16 +25,18 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lm_eval.api.metrics import mean
 
+from pieval import task_settings
 from pieval.errors import UserError
+from pieval.passkey_math import achieved_distances, k_max, success_rates
 from pieval.protocol import (
     PASSKEY_KEY_DIGITS,
-    PASSKEY_MIN_SUCCESS,
     PASSKEY_NUM_DISTANCES,
+    PASSKEY_SEED,
     PASSKEY_TRIALS,
 )
 from pieval.task_model import GeneratedPromptTask, TaskModel, check_generation_budget, log
@@ -54,7 +56,7 @@ QUESTION = "What is the pass key?"
 # 7 of 16 right that way, 15 of 16 with the prefilled turn).
 ANSWER_PREFIX = "The pass key is"
 
-DEFAULT_SEED = 0  # any fixed seed reproduces the same prompts; 0 unless --metadata seed=...
+DEFAULT_SEED = PASSKEY_SEED
 DEFAULT_GEN_TOKS = 10  # room left for the answer: " 12345" is 6 tokens with digit-split tokenizers
 
 _FILLER_WORDS = FILLER.split(" ")
@@ -101,13 +103,16 @@ class PromptBuilder:
         first = next(i for i, (_, end) in enumerate(offsets) if end > key_char)
         return text, len(ids), len(ids) - first
 
-    def build(self, key: int, target_tokens: int, distance: int) -> PasskeyPrompt:
+    def build(self, key: int, target_tokens: int, distance: int, room: int = 0) -> PasskeyPrompt:
+        """A prompt of ``target_tokens`` tokens; ``room`` (the answer's tokens) only names the minimum length."""
         _, n0, k0 = self.measure(key, 0, 0)
         head = n0 - k0  # tokens before the key when there is no filler in front of it
         if n0 > target_tokens:
+            least = n0 + room
             raise UserError(
-                f"passkey prompt length {target_tokens} is shorter than the prompt's fixed text "
-                f"({n0} tokens with no filler): use a longer length"
+                f"passkey length {target_tokens + room} cannot hold the prompt: its fixed text is {n0} "
+                f"tokens of this tokenizer with no filler, plus {room} for the answer; pass lengths >= "
+                f"{least}, e.g. --metadata '{{\"lengths\": [{1 << (least - 1).bit_length()}]}}'"
             )
         want_k = min(max(distance, k0), target_tokens - head)
         a, b = self._starts.get((target_tokens, distance), (0, 0))
@@ -200,7 +205,7 @@ def generate(
         rng = random.Random(f"{seed}:{length}")
         for k in distances(length, num_distances):
             for trial in range(trials):
-                p = builder.build(random_key(rng), length - max_gen_toks, k)
+                p = builder.build(random_key(rng), length - max_gen_toks, k, max_gen_toks)
                 rows.append(
                     {
                         "prompt": p.text,
@@ -220,32 +225,6 @@ def generate(
 def first_integer(text: str) -> int | None:
     match = re.search(r"\d+", text)
     return int(match.group()) if match else None
-
-
-def k_max(success: Mapping[int, float], threshold: float = PASSKEY_MIN_SUCCESS) -> int:
-    """The largest k such that every k' <= k has success rate >= threshold; 0 if the smallest fails."""
-    best = 0
-    for k in sorted(success):
-        if success[k] < threshold:
-            break
-        best = k
-    return best
-
-
-def success_rates(outcomes: Iterable[tuple[int, bool]]) -> dict[int, float]:
-    """Per-distance success rate from (k, correct) pairs."""
-    hits: dict[int, list[bool]] = defaultdict(list)
-    for k, correct in outcomes:
-        hits[k].append(bool(correct))
-    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-
-
-def achieved_distances(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
-    """{grid distance: the smallest real distance of its prompts} from (k, k_tokens) pairs."""
-    reached: dict[int, int] = {}
-    for k, k_tokens in pairs:
-        reached[k] = min(reached.get(k, k_tokens), k_tokens)
-    return dict(sorted(reached.items()))
 
 
 def process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any]:
@@ -269,46 +248,51 @@ def aggregate_k_tested(items: list[Mapping[str, Any]]) -> int:
     return reached[max(reached)]
 
 
-def heat_map(samples: Iterable[Mapping[str, Any]]) -> dict[int, dict[int, float]]:
-    """{length: {k: success rate}} from lm-eval ``--log_samples`` records of the passkey task."""
-    by_length: dict[int, list[tuple[int, bool]]] = defaultdict(list)
-    for sample in samples:
-        doc = sample["doc"]
-        item = sample[f"k_max_{doc['length']}"]
-        by_length[doc["length"]].append((doc["k"], item["correct"]))
-    return {length: success_rates(outcomes) for length, outcomes in sorted(by_length.items())}
-
-
 # ---------------------------------------------------------------- lm-eval glue (tasks/passkey/)
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"passkey metadata {name} must be a positive integer (got {value!r})")
-    return value
+@task_settings.register("passkey")
+@dataclass(frozen=True)
+class PasskeySettings:
+    """The passkey task's metadata keys (``--metadata``); the model's come from ``task_model``."""
 
+    lengths: tuple[int, ...] | None = None  # prompt lengths L'; None: the model's L', else max_length
+    trials: int = PASSKEY_TRIALS
+    num_distances: int = PASSKEY_NUM_DISTANCES
+    seed: int = DEFAULT_SEED
+    max_gen_toks: int = DEFAULT_GEN_TOKS  # tokens left free for the answer; the task generates that many
 
-def _lengths(value: Any) -> list[int]:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise UserError("passkey metadata lengths is empty: give at least one length, e.g. [8192]")
-    return list(dict.fromkeys(_positive_int(v, "lengths") for v in values))  # repeats run once
+    WRITES = ("prompts",)  # the grid and the distances reached, for the results' configs
+
+    def __post_init__(self) -> None:
+        problems = [task_settings.positive_int(k, getattr(self, k)) for k in ("trials", "num_distances", "max_gen_toks")]
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            problems.append(f"seed must be an integer (got {self.seed!r})")
+        if self.lengths is not None:
+            lengths = self.lengths if isinstance(self.lengths, (list, tuple)) else (self.lengths,)
+            if not lengths:
+                problems.append("lengths is empty: give at least one length, e.g. [8192]")
+            bad = [p for v in lengths if (p := task_settings.positive_int("lengths", v))]
+            problems += bad[:1]
+            if not bad:
+                object.__setattr__(self, "lengths", tuple(dict.fromkeys(lengths)))  # repeats run once
+        task_settings.raise_problems("passkey", problems)
 
 
 def build_dataset(render=None, chat: bool = False, **metadata: Any):
-    """The prompts for ``metadata`` (task metadata merged with model_args), as sent after ``render``.
-
-    Keys: ``lengths`` (default: the model's L', else ``max_length``), ``trials``,
-    ``num_distances``, ``seed``, ``max_gen_toks`` (tokens left free for the answer; the task
-    generates exactly that many).
-    """
+    """The prompts for ``metadata`` (task metadata merged with model_args), as sent after ``render``."""
     import datasets
 
     from pieval import task_model
 
+    settings = task_settings.from_metadata(PasskeySettings, metadata, "passkey")
+    if settings.lengths is None and metadata.get("max_seq_lengths") is not None:
+        # lm-eval's ruler tasks call the same thing max_seq_lengths (and lm-eval suggests it)
+        settings = replace(settings, lengths=metadata["max_seq_lengths"])
+        log.info("passkey: lengths %s from max_seq_lengths (ruler's key; passkey's own is lengths)", list(settings.lengths))
     model = task_model.from_metadata(metadata, "passkey", render)
-    if metadata.get("lengths") is not None:
-        lengths = _lengths(metadata["lengths"])
+    if settings.lengths is not None:
+        lengths = list(settings.lengths)
     elif (default := model.context_length or model.window) is not None:
         lengths = [default]
     else:
@@ -319,10 +303,10 @@ def build_dataset(render=None, chat: bool = False, **metadata: Any):
     rows = generate(
         model,
         lengths,
-        trials=_positive_int(metadata.get("trials", PASSKEY_TRIALS), "trials"),
-        num_distances=_positive_int(metadata.get("num_distances", PASSKEY_NUM_DISTANCES), "num_distances"),
-        seed=metadata.get("seed", DEFAULT_SEED),
-        max_gen_toks=_positive_int(metadata.get("max_gen_toks", DEFAULT_GEN_TOKS), "max_gen_toks"),
+        trials=settings.trials,
+        num_distances=settings.num_distances,
+        seed=settings.seed,
+        max_gen_toks=settings.max_gen_toks,
         answer_turn=chat,
     )
     return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
@@ -350,8 +334,8 @@ def grid_summary(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
 class PasskeyTask(GeneratedPromptTask):
     """The ``passkey`` task: a ConfigurableTask whose metrics are named after the lengths run.
 
-    lm-eval's ``metric_list`` is static, and ``k_max`` needs its own aggregation over all prompts of
-    a length, so ``acc_<L>``, ``k_max_<L>`` and ``k_tested_<L>`` are registered once the prompts exist.
+    lm-eval's ``metric_list`` is fixed before the prompts exist, and ``k_max`` needs its own
+    aggregation over all prompts of a length, so the task names its metrics in ``aggregation()``.
     The grid and the distances really reached are written into the task's metadata, which lands in
     the results file's ``configs``.
     """
@@ -376,18 +360,21 @@ class PasskeyTask(GeneratedPromptTask):
 
     def __init__(self, config: dict | None = None):
         config = {k: v for k, v in (config or {}).items() if k != "class"}
-        super().__init__(config=config)
+        # metrics are named after the lengths, known once the prompts exist: see aggregation()
+        super().__init__(config=config | {"metric_list": []})
         # The prompts were sized for this many answer tokens: generate exactly that many.
         self.config.generation_kwargs["max_gen_toks"] = self.dataset["test"][0]["max_gen_toks"]
-        # Only these metrics (not generate_until's default exact_match); process_results scores.
-        lengths = sorted(set(self.dataset["test"]["length"]))
-        self._aggregation_list = {}
-        for length in lengths:
-            self._aggregation_list[f"acc_{length}"] = mean
-            self._aggregation_list[f"k_max_{length}"] = aggregate_k_max
-            self._aggregation_list[f"k_tested_{length}"] = aggregate_k_tested
-        self._metric_fn_list = dict.fromkeys(self._aggregation_list)
-        self._higher_is_better = dict.fromkeys(self._aggregation_list, True)
+        self._lengths = sorted(set(self.dataset["test"]["length"]))
+
+    def aggregation(self) -> dict:
+        """``acc_<L>``, ``k_max_<L>``, ``k_tested_<L>`` for each length run (process_results scores)."""
+        metrics = {}
+        for length in self._lengths:
+            metrics |= {f"acc_{length}": mean, f"k_max_{length}": aggregate_k_max, f"k_tested_{length}": aggregate_k_tested}
+        return metrics
+
+    def higher_is_better(self) -> dict:
+        return dict.fromkeys(self.aggregation(), True)
 
     def construct_requests(self, doc, ctx, **kwargs):
         check_generation_budget("passkey", self.config.generation_kwargs, doc["max_gen_toks"])

@@ -2,15 +2,16 @@
 
 One request per document, of the request type ``loglikelihood_sliding`` (lm-eval's
 evaluator calls ``getattr(lm, request_type)``): the model scores all windows of all
-documents itself (``pieval.perplexity.SlidingWindowMixin``), because lm-eval's
+documents itself (``pieval.sliding_window_lm.SlidingWindowMixin``), because lm-eval's
 ``loglikelihood_rolling`` has no stride. Metrics per window W: ``token_ppl_W``,
 ``window_ppl_W``, ``bpb_W``, ``scored_tokens_W``.
 
-Run-time settings come from the task metadata (YAML ``metadata`` < ``--metadata`` <
-nothing else; lm-eval also merges model_args in): ``windows``, ``stride``,
-``data_path``, ``max_docs``, ``max_doc_tokens``, ``min_doc_tokens``, ``sample_seed`` and,
-for hub data, ``dataset``, ``dataset_config``, ``dataset_split``, ``dataset_revision``,
-``text_field``. What was actually run (windows, documents, truncation) is written back
+Run-time settings come from the task metadata (YAML ``metadata`` < ``--metadata``; lm-eval
+also merges model_args in, which are not read as settings): ``SlidingWindowConfig``
+(``windows``, ``stride``, ``max_doc_tokens``, ``head_chunk_tokens``) and ``CorpusConfig``
+(``data_path``, ``max_docs``, ``min_doc_tokens``, ``sample_seed`` and, for hub data,
+``dataset``, ``dataset_config``, ``dataset_split``, ``dataset_revision``, ``text_field``).
+What was actually run (windows, documents, truncation) is written back
 into the metadata, so it lands in the results JSON's ``configs`` section.
 """
 
@@ -23,23 +24,20 @@ from dataclasses import asdict, dataclass
 
 import datasets
 from lm_eval.api.instance import Instance
-from lm_eval.api.model import LM
 from lm_eval.api.task import ConfigurableTask
 
+from pieval import task_settings
 from pieval.documents import Document, HubSource, iter_documents
 from pieval.errors import UserError
-from pieval.perplexity import (
-    AGGREGATIONS,
-    REQUEST_TYPE,
-    SlidingWindowConfig,
-    doc_metrics,
-    metric_names,
-    metric_prefix,
-)
+from pieval.perplexity import SlidingWindowConfig
+from pieval.perplexity_metrics import AGGREGATIONS, doc_metrics, metric_names, metric_prefix
+from pieval.sliding_window_lm import REQUEST_TYPE
 
-SCORING_KEYS = ("windows", "stride", "max_doc_tokens")
+TASKS = ("pg19_ppl", "proofpile_ppl", "local_ppl")
+task_settings.register(*TASKS)(SlidingWindowConfig)
 
 
+@task_settings.register(*TASKS)
 @dataclass(frozen=True)
 class CorpusConfig:
     """Which documents to score: local ``data_path`` if given, else the hub dataset."""
@@ -58,19 +56,25 @@ class CorpusConfig:
     # random documents"); None takes the first max_docs.
     sample_seed: int | None = None
 
+    WRITES = ("scoring", "corpus", "documents")  # what was run, for the results' configs
+
     def __post_init__(self) -> None:
-        problems = []
-        if self.max_docs is not None and (not isinstance(self.max_docs, int) or self.max_docs <= 0):
-            problems.append(f"max_docs must be a positive integer or null (got {self.max_docs!r})")
-        if not isinstance(self.min_doc_tokens, int) or self.min_doc_tokens < 0:
+        problems = [
+            task_settings.optional_string(k, getattr(self, k))
+            for k in ("data_path", "dataset", "dataset_config", "dataset_revision")
+        ]
+        problems += [task_settings.string(k, getattr(self, k)) for k in ("dataset_split", "text_field")]
+        problems.append(task_settings.optional_positive_int("max_docs", self.max_docs))
+        if not isinstance(self.min_doc_tokens, int) or isinstance(self.min_doc_tokens, bool) or self.min_doc_tokens < 0:
             problems.append(f"min_doc_tokens must be an integer >= 0 (got {self.min_doc_tokens!r})")
+        if self.sample_seed is not None and (not isinstance(self.sample_seed, int) or isinstance(self.sample_seed, bool)):
+            problems.append(f"sample_seed must be an integer or null (got {self.sample_seed!r})")
         if not self.data_path and not self.dataset:
             problems.append(
                 "no data: pass local documents with --metadata '{\"data_path\": \"/path/to/docs\"}' "
                 "(a .txt file, a directory of .txt files, a .jsonl with a 'text' field, or .parquet)"
             )
-        if problems:
-            raise UserError("; ".join(problems))
+        task_settings.raise_problems("perplexity", problems)
 
     def hub(self) -> HubSource | None:
         if not self.dataset:
@@ -78,12 +82,12 @@ class CorpusConfig:
         return HubSource(self.dataset, self.dataset_config, self.dataset_split, self.dataset_revision, self.text_field)
 
 
-def settings_from_metadata(metadata: dict) -> tuple[SlidingWindowConfig, CorpusConfig]:
-    """The task's typed settings; metadata also carries model_args and lm-eval keys (ignored)."""
-    scoring = {k: metadata[k] for k in SCORING_KEYS if metadata.get(k) is not None}
-    corpus_keys = CorpusConfig.__dataclass_fields__
-    corpus = {k: metadata[k] for k in corpus_keys if metadata.get(k) is not None}
-    return SlidingWindowConfig(**scoring), CorpusConfig(**corpus)
+def settings_from_metadata(metadata: dict, task: str = "perplexity") -> tuple[SlidingWindowConfig, CorpusConfig]:
+    """The task's typed settings; metadata also carries model_args and lm-eval keys (not read)."""
+    return (
+        task_settings.from_metadata(SlidingWindowConfig, metadata, task),
+        task_settings.from_metadata(CorpusConfig, metadata, task),
+    )
 
 
 @dataclass
@@ -119,19 +123,14 @@ def select_documents(docs: Iterable[Document], corpus: CorpusConfig, count_token
     return sel
 
 
-def _unsupported_model(self, requests, *args, **kwargs):
-    raise UserError(
-        f"model class {type(self).__name__} cannot score strided sliding-window perplexity "
+def unsupported_model(model: object) -> UserError:
+    """What a model without ``loglikelihood_sliding`` gets when lm-eval dispatches these tasks' requests."""
+    return UserError(
+        f"model class {type(model).__name__} cannot score strided sliding-window perplexity "
         f"(request type {REQUEST_TYPE!r}, used by pg19_ppl, proofpile_ppl and local_ppl; lm-eval's "
         "loglikelihood_rolling has no stride): run these tasks with --model pi_llama "
         "(any RoPE LLaMA checkpoint; scaling_factor is optional)"
     )
-
-
-# lm-eval dispatches requests with getattr(lm, request_type): give every other model a
-# clear error instead of an AttributeError. SlidingWindowMixin comes first in the MRO.
-if not hasattr(LM, REQUEST_TYPE):
-    setattr(LM, REQUEST_TYPE, _unsupported_model)
 
 
 class SlidingWindowPerplexityTask(ConfigurableTask):
@@ -142,7 +141,7 @@ class SlidingWindowPerplexityTask(ConfigurableTask):
     def __init__(self, config: dict) -> None:
         config = {k: v for k, v in config.items() if k != "class"}
         metadata = dict(config.get("metadata") or {})
-        self.scoring, self.corpus = settings_from_metadata(metadata)
+        self.scoring, self.corpus = settings_from_metadata(metadata, config.get("task", "perplexity"))
         self._tokenizer_source = metadata.get("tokenizer") or metadata.get("pretrained")
         # the model's own revision/trust_remote_code (model_args) load the same tokenizer it uses
         self._tokenizer_kwargs = {k: metadata[k] for k in ("revision", "trust_remote_code") if metadata.get(k) is not None}

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +52,6 @@ class Venv:
             text=True,
             timeout=timeout,
         )
-
-    def startup_ms(self, runs: int, **env: str) -> list[float]:
-        """Wall time of ``python -c pass``, one sample per run."""
-        samples = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            subprocess.run([str(self.python), "-c", "pass"], env=clean_environ(**env), check=True)
-            samples.append((time.perf_counter() - start) * 1000)
-        return samples
 
 
 def make_venv(root: Path) -> Venv:

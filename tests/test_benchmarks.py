@@ -38,6 +38,10 @@ EXPECTED = {
         [r"RATIO prompts/s batch 8 / batch 1: " + NUMBER + "x"],
         r"SAME-ANSWERS batch 8 vs batch 1: (\d+)/\1 identical: ok",
     ),
+    "hook_startup.py": (
+        [r"RATIO start-up hook on/off: " + NUMBER + "x"],
+        r"SAME-IMPORTS at start-up with the hook: .* \(expected pieval, pieval.hook only\): ok",
+    ),
     "finetune_throughput.py": (
         [r"RATIO tokens/s pieval/Trainer, checkpointing off: " + NUMBER,
          r"RATIO tokens/s pieval/Trainer, checkpointing on: " + NUMBER,
@@ -52,7 +56,7 @@ def run_benchmark(script: str, *args: str) -> str:
     """The script's stdout, after checking it exited 0 and named its machine first."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=600
     )
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pieval import govreport
+from pieval import govreport, task_settings
 from pieval.documents import DocumentError
 from pieval.errors import UserError
 from pieval.task_model import TaskModel
@@ -174,6 +174,48 @@ def test_greedy_and_generation_budget_from_metadata(reports, ref_model_dir):
         json.dumps({"until": [], "do_sample": False, "temperature": 0.0, "max_gen_toks": 64}, sort_keys=True)
     }
     assert all(not r.doc["truncated"] for r in lm.requests)  # default 15000 tokens: whole books fit
+
+
+def _load(**metadata):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(TASKS), include_defaults=False, metadata=metadata)
+    return tm.load(["govreport_pi"])["tasks"]["govreport_pi"]
+
+
+def test_model_revision_is_not_the_datasets(ref_model_dir, monkeypatch, caplog):
+    """model_args reach task metadata: revision=X names the model's commit, never SCROLLS'."""
+    asked = []
+
+    def scrolls(split="validation", revision="main"):
+        asked.append((split, revision))
+        yield govreport.Report("a", "Report A.", ("Summary A.",))
+
+    monkeypatch.setattr(govreport, "iter_scrolls", scrolls)
+    _load(tokenizer=str(ref_model_dir), revision="0123abc")
+    _load(tokenizer=str(ref_model_dir), revision="0123abc", dataset_revision="r1", dataset_split="test")
+    assert asked == [("validation", "main"), ("test", "r1")]
+    _load(tokenizer=str(ref_model_dir), split="test")  # the old name, with a warning
+    assert asked[-1] == ("test", "main") and "'split' is deprecated, use 'dataset_split'" in caplog.text
+
+
+def settings(metadata):
+    return task_settings.from_metadata(govreport.GovReportSettings, metadata, "govreport_pi")
+
+
+def test_settings_misspelt_and_bad_values(ref_model_dir):
+    with pytest.raises(UserError, match="'max_doc_token': did you mean 'max_doc_tokens'"):
+        settings({"max_doc_token": 300})
+    with pytest.raises(UserError) as raised:
+        settings({"greedy": "yes", "max_gen_toks": 0, "dataset_revision": ""})
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("govreport_pi metadata: ")
+    assert "greedy must be true or false (got 'yes')" in message
+    assert "max_gen_toks must be a positive integer (got 0)" in message
+    assert "dataset_revision must be a non-empty string (got '')" in message
+    assert settings({"pretrained": "m", "revision": "x", "dtype": "float32"}) == (
+        govreport.GovReportSettings()
+    )
 
 
 def _model_dir(ref_model_dir, tiny_llama_dir) -> Path:

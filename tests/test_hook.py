@@ -70,6 +70,7 @@ def test_install_acts_at_once_on_modules_already_imported(monkeypatch):
     monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, hook.PostImportFinder)])
     monkeypatch.setitem(sys.modules, "lm_eval.models", object())
     monkeypatch.delitem(sys.modules, "lm_eval.tasks", raising=False)
+    monkeypatch.delitem(sys.modules, "lm_eval._cli.utils", raising=False)
     monkeypatch.delenv(hook.ENV_VAR, raising=False)
 
     hook.install()
@@ -77,7 +78,7 @@ def test_install_acts_at_once_on_modules_already_imported(monkeypatch):
 
     assert calls == ["register_model"]
     finders = [f for f in sys.meta_path if isinstance(f, hook.PostImportFinder)]
-    assert len(finders) == 1 and finders[0]._pending == {"lm_eval.tasks": "include_tasks"}
+    assert len(finders) == 1 and finders[0]._pending == {"lm_eval._cli.utils": "cli_errors", "lm_eval.tasks": "include_tasks"}
 
 
 @pytest.mark.parametrize("value", ["0", "false", "No", " OFF "])

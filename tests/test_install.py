@@ -1,13 +1,12 @@
 """Installs as a user gets them: a wheel built from this checkout and an editable install,
 each into a fresh venv. pieval's tasks are found in both, the ``.pth`` hook registers
-``pi_llama`` without importing torch or lm-eval at start-up, costs < 20 ms on
-``python -c pass``, obeys ``PIEVAL_LM_EVAL_HOOK=0``, and a leftover ``.pth`` stays silent.
+``pi_llama`` without importing torch or lm-eval at start-up (its cost in time is
+``benchmarks/hook_startup.py``'s to measure), obeys ``PIEVAL_LM_EVAL_HOOK=0``, and a leftover ``.pth`` stays silent.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import zipfile
@@ -18,8 +17,6 @@ import pytest
 from installed_env import HOOK_PTH, REPO, Venv, build_wheel, make_venv, pip_install
 
 pytestmark = pytest.mark.slow
-
-STARTUP_BUDGET_MS = 20.0  # issue 3: the hook may add at most this to `python -c pass`
 
 # Prints what a fresh interpreter has imported before and after lm-eval's model registry loads.
 PROBE = """
@@ -104,19 +101,6 @@ def test_env_var_switches_the_hook_off(wheel_venv, tmp_path):
     assert not out["pi_llama_registered"] and out["builtin_missing"] == []
     on_demand = probe(wheel_venv, tmp_path, "activate", PIEVAL_LM_EVAL_HOOK="0")
     assert on_demand["pi_llama_registered"] and on_demand["builtin_missing"] == []
-
-
-def test_startup_cost_under_budget(wheel_venv, tmp_path_factory):
-    bare = make_venv(tmp_path_factory.mktemp("bare") / "venv")  # same interpreter, no pieval
-    with_hook, without = [], []
-    for _ in range(15):  # interleaved, so load from other processes hits both alike
-        with_hook += wheel_venv.startup_ms(1)
-        without += bare.startup_ms(1)
-    off = wheel_venv.startup_ms(15, PIEVAL_LM_EVAL_HOOK="0")
-    cost = statistics.median(with_hook) - statistics.median(without)
-    print(f"python -c pass: bare {statistics.median(without):.1f} ms, hook {statistics.median(with_hook):.1f} ms, "
-          f"hook off {statistics.median(off):.1f} ms, cost {cost:.1f} ms")
-    assert cost < STARTUP_BUDGET_MS
 
 
 def test_uninstall_removes_the_pth(tmp_path, wheel):

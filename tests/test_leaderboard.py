@@ -67,13 +67,14 @@ def test_rows_hold_the_results_json_values(written):
 def test_passkey_rows_match_their_samples(written):
     """k_max and k_tested in passkey.csv are those the samples log implies: the grid's k_max, reported
     as the smallest real distance of that grid point's prompts (pieval.passkey's definition)."""
-    from pieval import passkey
+    from pieval import passkey_math
+    from pieval.leaderboard import heatmap
 
     pk = pd.read_csv(written / "passkey.csv", dtype=str, keep_default_na=False)
     for _, row in pk[pk.source == "measured"].iterrows():
         rf = load(FIXTURES / row.results_file, row.results_file)
         samples = [json.loads(line) for line in rf.samples["passkey"].read_text().splitlines()]
-        grid_k = passkey.k_max(passkey.heat_map(samples)[int(row.length)])
+        grid_k = passkey_math.k_max(heatmap.heat_map(samples)[int(row.length)])
         docs = [s["doc"] for s in samples if s["doc"]["length"] == int(row.length)]
         expected = min(d["k_tokens"] for d in docs if d["k"] == grid_k) if grid_k else 0
         assert int(row.k_max) == expected
@@ -308,13 +309,13 @@ def test_rows_come_from_the_results_json_alone(tmp_path):
 @pytest.mark.parametrize(
     "drop, message, kept, lost",
     [
-        ("passkey/acc_1024,none", "x.json: passkey has k_max_1024 but no acc_1024; that row is not written", "perplexity", "passkey"),
+        ("passkey/acc_1024,none", "x.json: passkey has k_max_1024 but no acc_1024; that row is not written", "ppl", "passkey"),
         (
             "local_ppl/token_ppl_1024,none",
             "x.json: local_ppl has no token_ppl_1024 (windows [1024]) though other metrics of that window are "
             "there; re-run the task with pieval's perplexity tasks; that row is not written",
             "passkey",
-            "perplexity",
+            "ppl",
         ),
     ],
 )
@@ -345,5 +346,87 @@ def test_exploded_perplexity_is_written_as_inf():
     rf = _rf()
     rf.data["results"]["local_ppl"]["token_ppl_1024,none"] = float("inf")
     board = build.Leaderboard({}, {}, [rf], [])
-    frame = tables.assemble(tables.collect([rf], board.problems)["perplexity"], (), ["256", "512", "1024"], board.problems)
+    frame = tables.assemble(tables.collect([rf], board.problems)["ppl"], (), ["256", "512", "1024"], board.problems)
     assert build.csv_text(frame, ["256", "512", "1024"]).splitlines()[1].split(",")[7:10] == ["11.9021", "11.2037", "inf"]
+
+
+# ------------------------------------------------------------------ the registry of tables
+
+
+def test_every_table_is_one_registry_entry():
+    """Names unique, derived tables drawn from a table that takes tasks, plots that exist; and every
+    golden CSV comes from an entry."""
+    from pieval.leaderboard import plots
+
+    names = [t.name for t in tables.TABLES]
+    assert len(set(names)) == len(names) and set(tables.BY_NAME) == set(names)
+    for table in tables.TABLES:
+        assert table.of is None or tables.BY_NAME[table.of].takes is not None, table.name
+        for plot in table.plots:
+            assert callable(getattr(plots, plot)), (table.name, plot)
+    board = build.build([GOOD])
+    stems = {stem for parts in board.parts.values() for stem in parts.values()}
+    assert {f"{s}.csv" for s in stems} == set(TABLES) and set(board.parts) == set(names)
+
+
+def test_a_new_table_is_one_entry(tmp_path, monkeypatch):
+    """Copy this test for a new table: one `tables.Table` entry, and its CSV is written."""
+    src = next((GOOD / "base").rglob("results_2026-11-25T10-13-00.json"))
+    data = json.loads(src.read_text())
+    data["results"] = {"arc_easy": {**data["results"]["piqa"], "acc,none": 0.5}}
+    data["configs"] = {"arc_easy": {**data["configs"]["piqa"], "dataset_path": "allenai/ai2_arc", "dataset_name": "ARC-Easy"}}
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    (tmp_path / "runs" / "m" / src.name).write_text(json.dumps(data))
+    arc = tables.Table(
+        "arc",
+        metric_columns=("arc_easy",),
+        takes=lambda rf, task: task == "arc_easy",
+        cells=tables.accuracy_cells({"arc_easy": "arc_easy"}),
+        fields=provenance.lmeval_task_fields,
+    )
+    monkeypatch.setattr(tables, "TABLES", (*tables.TABLES, arc))
+    assert main(["leaderboard", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
+    (row,) = pd.read_csv(tmp_path / "lb" / "arc.csv", dtype=str, keep_default_na=False).to_dict("records")
+    assert (row["source"], row["method"], row["arc_easy"], row["dataset"]) == ("measured", "base", "50.0000", "allenai/ai2_arc:ARC-Easy")
+    assert row["results_file"] == f"runs/m/{src.name}"
+
+
+def test_a_table_entry_is_either_taking_tasks_or_derived():
+    with pytest.raises(ValueError, match="table x: give takes, cells and fields, or of and derive"):
+        tables.Table("x", takes=lambda rf, task: True, of="ppl", derive=list)
+    with pytest.raises(ValueError, match="table x: a table that takes tasks needs cells and fields"):
+        tables.Table("x", takes=lambda rf, task: True)
+
+
+def test_heat_map_from_logged_samples():
+    """{length: {k: success rate}} on the grid, from the samples of a passkey run."""
+    from pieval.leaderboard import heatmap
+
+    def sample(length, k, correct):
+        return {"doc": {"length": length, "k": k}, f"k_max_{length}": {"correct": correct}}
+
+    samples = [sample(256, 8, True), sample(256, 8, False), sample(256, 16, False), sample(512, 8, True)]
+    assert heatmap.heat_map(samples) == {256: {8: 0.5, 16: 0.0}, 512: {8: 1.0}}
+
+
+_IMPORTED = """
+import json, sys
+from pieval.cli import main
+rc = main(sys.argv[1:])
+heavy = ("lm_eval", "datasets", "torch", "transformers", "matplotlib")
+print(json.dumps([rc, sorted(m for m in sys.modules if m.split(".")[0] in heavy)]))
+"""
+
+
+@pytest.mark.parametrize("plots", [False, True])
+def test_leaderboard_stays_light(tmp_path, plots):
+    """`pieval leaderboard` imports neither lm-eval, datasets, torch nor transformers (and matplotlib
+    only for --plots): building tables needs none of them, and they cost seconds."""
+    import subprocess
+    import sys
+
+    args = ["leaderboard", str(GOOD), "--out", str(tmp_path), *(["--plots"] if plots else [])]
+    out = subprocess.run([sys.executable, "-c", _IMPORTED, *args], capture_output=True, text=True, check=True)
+    rc, heavy = json.loads(out.stdout.splitlines()[-1])
+    assert rc == 0 and (tmp_path / "passkey.csv").is_file()
+    assert {m.split(".")[0] for m in heavy} == ({"matplotlib"} if plots else set()), heavy

@@ -14,6 +14,7 @@ import pytest
 
 from pieval import passkey
 from pieval.errors import UserError
+from pieval.leaderboard.heatmap import heat_map
 from pieval.task_model import TaskModel, from_metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +93,10 @@ def test_keys_come_from_a_private_rng(model):
 def test_bad_lengths_are_refused(model, ref_tokenizer):
     with pytest.raises(UserError, match="exceeds the model's window 256"):
         passkey.generate(TaskModel(ref_tokenizer, 256, True), [512])
-    with pytest.raises(UserError, match="shorter than the prompt's fixed text"):
+    with pytest.raises(UserError, match=r"passkey length 64 cannot hold the prompt: its fixed text is \d+ tokens") as raised:
         passkey.generate(model, [64], num_distances=4)
+    minimum = int(re.search(r"pass lengths >= (\d+)", str(raised.value)).group(1))
+    assert len(passkey.generate(model, [minimum], trials=1, num_distances=1)) == 1  # the minimum it names works
     with pytest.raises(UserError, match="too short for 32 distinct distances"):
         passkey.distances(16)
 
@@ -209,7 +212,7 @@ def test_partial_model_and_logged_samples(ref_model_dir):
         assert set(doc) >= {"length", "k", "k_tokens", "prompt_tokens", "key"}
         assert item["correct"] == (item["answer"] == int(doc["key"])) == lm.knows(doc["k"])
         assert s["acc_256"] == float(item["correct"])
-    heat = passkey.heat_map(samples)
+    heat = heat_map(samples)
     assert heat[256][96] == 1.0 and heat[256][104] == 0.0 and heat[256][200] == 1.0
     # Every prompt asks for exactly the answer tokens it left room for, greedily.
     assert {r.args[1]["max_gen_toks"] for r in lm.requests} == {passkey.DEFAULT_GEN_TOKS}
@@ -242,8 +245,25 @@ def test_default_length_is_the_models_context_length(tiny_llama_dir):
     with pytest.raises(UserError, match="cannot tell the model's window"):
         lengths(tokenizer=str(tiny_llama_dir))
     assert lengths(tokenizer=str(tiny_llama_dir), lengths=[300, 256, 300]) == {256, 300}
+    # lm-eval's ruler key, which lm-eval suggests for length-bound tasks, means the same
+    assert lengths(**md, max_seq_lengths=[256]) == {256}
+    assert lengths(**md, max_seq_lengths=[256], lengths=[384]) == {384}  # passkey's own key wins
     with pytest.raises(UserError, match="trials must be a positive integer"):
         lengths(tokenizer=str(tiny_llama_dir), lengths=256, trials=[2, 3])
+
+
+def test_settings_misspelt_and_bad_values(tiny_llama_dir):
+    with pytest.raises(UserError, match="'lenghts': did you mean 'lengths'"):
+        passkey.build_dataset(tokenizer=str(tiny_llama_dir), lenghts=[256])
+    with pytest.raises(UserError) as raised:
+        passkey.PasskeySettings(lengths=[256, -1], trials=0, seed="x")
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("passkey metadata: ")
+    assert "trials must be a positive integer (got 0)" in message and "lengths must be a positive integer (got -1)" in message
+    assert "seed must be an integer (got 'x')" in message
+    assert passkey.PasskeySettings(lengths=256).lengths == (256,)
+    with pytest.raises(UserError, match="lengths is empty"):
+        passkey.PasskeySettings(lengths=[])
 
 
 def test_no_prompt_is_truncated_by_hflm(tiny_llama_dir, caplog):
@@ -384,5 +404,16 @@ def test_reference_model_retrieves_through_the_task(ref_model_dir):
     )
     res = out["results"]["passkey"]
     assert res["acc_256,none"] >= 0.95 and res["k_max_256,none"] == res["k_tested_256,none"], res
-    by_distance = passkey.heat_map(out["samples"]["passkey"])[256]
+    by_distance = heat_map(out["samples"]["passkey"])[256]
     assert len(by_distance) == 32 and min(by_distance.values()) >= 0.8, by_distance
+
+
+def test_other_lm_eval_models_arguments_are_known_keys():
+    """With --model vllm its model_args reach the task metadata: they must not be refused."""
+    from pieval import task_settings
+
+    task_settings.check_keys({"tensor_parallel_size": 2, "pretrained": "x"}, "passkey")  # vllm's named argument
+    # one it forwards through **kwargs is close to no known key: reported, not refused
+    task_settings.check_keys({"gpu_memory_utilization": 0.9}, "passkey")
+    with pytest.raises(UserError, match="'tensor_paralel_size': did you mean 'tensor_parallel_size'"):
+        task_settings.check_keys({"tensor_paralel_size": 2}, "passkey")

@@ -15,19 +15,16 @@ import torch
 
 from pieval.errors import UserError
 from pieval.perplexity import (
-    REQUEST_TYPE,
     SlidingWindowConfig,
-    check_head_split,
     SlidingWindowError,
-    SlidingWindowMixin,
-    bits_per_byte,
+    check_head_split,
     count_windows,
     default_windows,
-    doc_metrics,
-    exp_ratio,
     plan_windows,
     score_documents,
 )
+from pieval.perplexity_metrics import bits_per_byte, doc_metrics, exp_ratio
+from pieval.sliding_window_lm import REQUEST_TYPE, SlidingWindowMixin
 
 REL = 1e-5
 

@@ -75,6 +75,21 @@ def test_settings_ignore_model_args_and_validate():
         settings_from_metadata({"max_docs": 0, "data_path": "d"})
 
 
+def test_misspelt_keys_name_the_nearest_and_bad_values_are_one_line():
+    with pytest.raises(UserError, match="'max_doc_token': did you mean 'max_doc_tokens'"):
+        settings_from_metadata({"max_doc_token": 5, "data_path": "d"}, "local_ppl")
+    with pytest.raises(UserError, match="'windoes': did you mean 'windows'"):
+        settings_from_metadata({"windoes": [256], "data_path": "d"}, "local_ppl")
+    # keys of the other pieval tasks and lm-eval's own are known: one --metadata serves a whole run
+    settings_from_metadata({"lengths": [256], "greedy": True, "version": 1.0, "config_source": "x", "data_path": "d"})
+    with pytest.raises(UserError) as raised:
+        settings_from_metadata({"sample_seed": "a", "text_field": "", "data_path": "d"}, "local_ppl")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "sample_seed must be an integer or null (got 'a')" in message
+    assert "text_field must be a non-empty string (got '')" in message
+
+
 def docs(*texts):
     return [Document(f"d{i}", t) for i, t in enumerate(texts)]
 
@@ -157,15 +172,39 @@ def test_bad_windows_fail_at_task_build(tmp_path):
         load_task("local_ppl", data_path=str(tmp_path), windows=[128])
 
 
-def test_models_without_sliding_windows_get_a_clear_error(tiny_llama_dir, tmp_path, lm_eval_ready):
-    import lm_eval
+def test_models_without_sliding_windows_get_a_clear_error():
+    """lm-eval asks the model for the request type with getattr; that AttributeError becomes one line."""
+    from pieval import lmeval
 
+    class OtherLM:
+        pass
+
+    with pytest.raises(AttributeError) as raised:
+        getattr(OtherLM(), "loglikelihood_sliding")
+    error = lmeval.unsupported_request(raised.value)
+    assert isinstance(error, UserError) and "model class OtherLM" in str(error) and "--model pi_llama" in str(error)
+    with pytest.raises(AttributeError) as other:
+        getattr(OtherLM(), "loglikelihood")
+    assert lmeval.unsupported_request(other.value) is None
+    assert lmeval.unsupported_request(ValueError("x")) is None
+
+
+@pytest.mark.slow
+def test_stock_cli_with_hf_model_gives_one_line(tiny_llama_dir, tmp_path):
     (tmp_path / "a.txt").write_text("In the beginning God created the heaven and the earth.")
-    with pytest.raises(UserError, match="--model pi_llama"):
-        lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(tiny_llama_dir)}, tasks=["local_ppl"], device="cpu",
-            task_manager=task_manager(data_path=str(tmp_path), stride=64),
-        )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_llama_dir}",
+        "--tasks", "local_ppl", "--metadata", json.dumps({"data_path": str(tmp_path), "stride": 64}),
+        "--device", "cpu",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "lm_eval: error: model class HFLM cannot score strided sliding-window perplexity"
+    ), proc.stderr[-3000:]
+    assert "--model pi_llama" in proc.stderr
 
 
 # ------------------------------------------------------------------ whole runs

@@ -24,8 +24,7 @@ def test_perplexity_task_configs_follow_the_protocol():
     assert proofpile["max_docs"] == protocol.PROOFPILE_DOCS
     assert proofpile["min_doc_tokens"] == proofpile["max_doc_tokens"] == protocol.PROOFPILE_MIN_TOKENS
     pg19 = task_metadata("pg19_ppl")
-    assert "max_docs" not in pg19 and "max_doc_tokens" not in pg19  # all PG19_TEST_BOOKS books, whole
-    assert protocol.PG19_TEST_BOOKS == 100
+    assert "max_docs" not in pg19 and "max_doc_tokens" not in pg19  # the whole test split, each book whole
 
 
 def test_reference_data_and_leaderboard_columns_follow_the_protocol():

@@ -197,7 +197,7 @@ def test_finetune_loads_the_gguf_extended_and_plain(real_model_dir, real_gguf, t
 MAKE = [sys.executable, "models/smollm2-135m/make.py"]
 
 
-def test_the_recipe_rechecks_a_finished_model_in_seconds(real_model_dir):
+def test_the_recipe_rechecks_a_finished_model_without_converting_it_again(real_model_dir):
     from conftest import REPO
 
     done = subprocess.run(MAKE, cwd=REPO, capture_output=True, text=True, timeout=300)

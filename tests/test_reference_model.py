@@ -1,6 +1,6 @@
 """The committed reference model: a plain LLaMA checkpoint that reads prose and retrieves.
 
-The retrieval check builds the paper's passkey prompt itself (from shared/PAPER.md's text)
+The retrieval check builds the paper's passkey prompt itself (the text of Chen et al. 2023, Sec. 3.3)
 instead of calling pieval.passkey, so a bug there cannot hide a model that does not retrieve.
 """
 
@@ -126,7 +126,8 @@ GOLDEN_TOKENS = 42897
 
 
 def test_heldout_perplexity_at_window_L_matches_golden(model_and_tokenizer, heldout_dir):
-    from pieval.perplexity import exp_ratio, score_documents
+    from pieval.perplexity import score_documents
+    from pieval.perplexity_metrics import exp_ratio
 
     model, tok = model_and_tokenizer
     docs = [tok(p.read_text(encoding="utf-8"), add_special_tokens=False).input_ids for p in sorted(heldout_dir.glob("*.txt"))]

@@ -119,3 +119,21 @@ def test_bad_model_arg_through_the_cli_is_one_line_not_a_traceback(tiny_llama_di
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("lm_eval: error:")]
     assert "bogus" in line, line
+
+
+@pytest.mark.parametrize("flag", ["--metadata", "--model_args"])
+def test_malformed_json_argument_is_one_line_not_a_traceback(flag, tiny_llama_dir, tmp_path):
+    """lm-eval's own parser rejects it before any model loads; its message is kept, its traceback not."""
+    script = Path(sys.executable).parent / "lm_eval"
+    if not (Path(sysconfig.get_paths()["purelib"]) / HOOK_PTH).is_file() or not script.is_file():
+        pytest.skip(f"pieval is not installed in {sys.prefix} (make venv installs it)")
+    args = {"--metadata": ["--model_args", f"pretrained={tiny_llama_dir}", "--metadata", '{"stride": x}'],
+            "--model_args": ["--model_args", '{"pretrained": x}']}[flag]  # fmt: skip
+    result = subprocess.run(
+        [str(script), "--model", "pi_llama", *args, "--tasks", "local_ppl", "--limit", "1"],
+        cwd=tmp_path, env=clean_environ(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("lm_eval: error:")]
+    assert "Invalid JSON" in line and "double quotes" in line and "x}" in line, line

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import io
 import json
+import os
 import random
+import tempfile
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -96,7 +96,6 @@ class Evaluator:
         """Evaluate one checkpoint; append its metrics to eval/results.jsonl and eval/table.csv."""
         import lm_eval
         from lm_eval.loggers import EvaluationTracker
-        from lm_eval.utils import handle_non_serializable
 
         from pieval import lmeval
 
@@ -118,18 +117,7 @@ class Evaluator:
             )
         if results is None:  # non-zero rank of a distributed lm-eval run
             return {}
-        samples = results.pop("samples", None)
-        results.update({"task_hashes": {}, **dataclasses.asdict(tracker.general_config_tracker)})
-        date = datetime.now().isoformat().replace(":", "-")
-        full = self.output / EVAL_DIR / checkpoint.name / f"results_{date}.json"
-        if samples:
-            # lm-eval's own writer, so the files are what `lm_eval --log_samples` writes
-            # (samples_<task>_<date>.jsonl beside results_<date>.json). They go first: the results
-            # file, written atomically, is what makes an evaluation count.
-            tracker.output_path, tracker.date_id = str(full), date
-            for task in results["configs"]:
-                tracker.save_results_samples(task_name=task, samples=samples[task])
-        atomic.write_text(full, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        full = save_results(tracker, results, self.output / EVAL_DIR / checkpoint.name)
         row = {
             "step": step,
             "checkpoint": checkpoint.name,
@@ -143,6 +131,31 @@ class Evaluator:
         atomic.write_text(self.output / EVAL_DIR / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
         atomic.write_text(self.output / EVAL_DIR / TABLE_FILE, table_csv(rows))
         return row
+
+
+def save_results(tracker, results: dict, directory: Path) -> Path:
+    """Write ``results`` with lm-eval's own writer (``EvaluationTracker``), as ``lm_eval --output_path``
+    does: ``results_<date>.json`` and, when samples were logged, ``samples_<task>_<date>.jsonl``.
+
+    lm-eval writes them in place and only logs a failure; here they are written into a staging
+    folder beside ``directory`` and renamed into it, samples first: the results file, which makes
+    an evaluation count, appears whole and last, or not at all.
+    """
+    samples = results.pop("samples", None)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.") as staging:
+        tracker.output_path = str(Path(staging) / "results.json")  # a .json path: files go beside it
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for task in results["configs"] if samples else ():
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+        written = sorted(Path(staging).iterdir(), key=lambda p: p.name.startswith("results_"))
+        if not written or not written[-1].name.startswith("results_"):
+            raise RuntimeError(f"lm-eval did not write the results of {directory.name} (its log says why)")
+        for path in written:
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(path, directory / path.name)
+    return directory / written[-1].name
 
 
 def metrics_of(results: dict) -> dict[str, dict[str, float]]:

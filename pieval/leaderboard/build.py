@@ -30,9 +30,14 @@ class Leaderboard:
     metric_columns: dict[str, list[str]]  # file stem -> its metric columns
     files: list[ResultsFile] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    parts: dict[str, dict[str, str]] = field(default_factory=dict)  # table name -> {part: file stem}
 
     def measured_rows(self) -> int:
         return sum(int((t["source"] == "measured").sum()) for t in self.tables.values())
+
+    def files_of(self, table: tables.Table) -> list[tuple[str, str]]:
+        """(part, file stem) of every file built for ``table``, in part order."""
+        return sorted(self.parts.get(table.name, {}).items())
 
 
 def build(roots: list[str | Path], with_reference: bool = True) -> Leaderboard:
@@ -40,30 +45,34 @@ def build(roots: list[str | Path], with_reference: bool = True) -> Leaderboard:
     files = list(iter_results(roots, problems))
     cells = tables.collect(files, problems)
     board = Leaderboard({}, {}, files, problems)
-
-    def add(name: str, key_columns: tuple[str, ...], value_columns: list[str], measured: list, ref: pd.DataFrame | None):
-        frame = tables.assemble(measured, key_columns, value_columns, problems)
-        if with_reference and ref is not None and len(ref):
-            frame = pd.concat([frame, ref], ignore_index=True) if len(frame) else ref
-        if len(frame):
-            board.tables[name] = _sorted(frame, key_columns)
-            board.metric_columns[name] = value_columns
-
-    ppl = cells["perplexity"]
-    datasets = {c.key[0] for c in ppl} | (set(reference.data()["perplexity"]) if with_reference else set())
-    for dataset in sorted(datasets):
-        mine = [c for c in ppl if c.key[0] == dataset]
-        ref_windows = reference.data()["perplexity"].get(dataset, {}).get("windows", []) if with_reference else []
-        windows = [str(w) for w in sorted({int(c.column) for c in mine} | set(ref_windows))]
-        measured = [tables.Cell(c.rid, (), c.column, c.value, c.date, c.prov) for c in mine]
-        add(f"ppl_{dataset}", (), windows, measured, reference.perplexity(dataset, (), windows))
-
-    add("ppl_vs_steps", ("benchmark", "window"), ["ppl"], tables.ppl_vs_steps(ppl), reference.ppl_vs_steps(("benchmark", "window")))
-    add("passkey", ("length",), list(tables.PASSKEY_METRICS), cells["passkey"], reference.passkey(("length",)))
-    add("govreport", (), list(tables.ROUGE_METRICS), cells["govreport"], reference.govreport())
-    ow = list(tables.ORIGINAL_WINDOW_COLUMNS)
-    add("original_window", (), ow, cells["original_window"], reference.original_window(ow))
+    for table in tables.TABLES:
+        _add(board, table, cells[table.name], table.reference() if with_reference and table.reference else {})
     return board
+
+
+def _add(board: Leaderboard, table: tables.Table, cells: list[tables.Cell], refs: dict[str, reference.Rows]) -> None:
+    """The table's files: one per part (dataset) its measured cells or reference rows have."""
+    by_part: dict[str, list[tables.Cell]] = {}
+    for cell in cells:
+        part, keyed = table.part(cell)
+        by_part.setdefault(part, []).append(keyed)
+    for part in sorted(set(by_part) | set(refs)):
+        mine, ref = by_part.get(part, []), refs.get(part)
+        value_columns = list(table.metric_columns) if table.metric_columns is not None else _windows(mine, ref)
+        frame = tables.assemble(mine, table.key_columns, value_columns, board.problems)
+        if ref is not None and ref.records:
+            ref_frame = pd.DataFrame.from_records(ref.records, columns=tables.columns(table.key_columns, value_columns))
+            frame = pd.concat([frame, ref_frame], ignore_index=True) if len(frame) else ref_frame
+        if len(frame):
+            stem = table.stem(part)
+            board.tables[stem] = _sorted(frame, table.key_columns)
+            board.metric_columns[stem] = value_columns
+            board.parts.setdefault(table.name, {})[part] = stem
+
+
+def _windows(cells: list[tables.Cell], ref: reference.Rows | None) -> list[str]:
+    """Every evaluation window measured or in the paper's table, in numeric order."""
+    return [str(w) for w in sorted({int(c.column) for c in cells} | {int(w) for w in (ref.columns if ref else ())})]
 
 
 def _sorted(frame: pd.DataFrame, key_columns: tuple[str, ...]) -> pd.DataFrame:

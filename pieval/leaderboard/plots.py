@@ -1,13 +1,16 @@
 """The leaderboard's figures (PNG + SVG), drawn headless with matplotlib's Agg backend.
 
 Measured rows only: reference rows live at another scale (LLaMA, L = 2048) and stay in the
-tables. SVG text is kept as text (``svg.fonttype = none``) so labels are searchable.
+tables. SVG text is kept as text (``svg.fonttype = none``) so labels are searchable. Each
+entry of `tables.TABLES` names its plots: functions here of ``(board, table, out_dir)``.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +24,7 @@ import pandas as pd  # noqa: E402
 from pieval import atomic  # noqa: E402
 from pieval.leaderboard import provenance, tables  # noqa: E402
 from pieval.leaderboard.build import METHOD_ORDER, Leaderboard  # noqa: E402
+from pieval.leaderboard.heatmap import heat_map  # noqa: E402
 from pieval.leaderboard.results import Problem, ResultsError, iter_samples  # noqa: E402
 
 RC = {"svg.fonttype": "none", "svg.hashsalt": "pieval", "figure.dpi": 100}
@@ -53,6 +57,20 @@ def _measured(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["source"] == "measured"]
 
 
+def _each_file(plot: Callable[[pd.DataFrame, list[str], str, Path], list[Path]]):
+    """``plot(frame, metric_columns, part, out_dir)`` as a table's plot: once per file with measured rows."""
+
+    def draw(board: Leaderboard, table: tables.Table, out_dir: Path) -> list[Path]:
+        paths = []
+        for part, stem in board.files_of(table):
+            if len(_measured(board.tables[stem])):
+                paths += plot(board.tables[stem], board.metric_columns[stem], part, out_dir)
+        return paths
+
+    return functools.wraps(plot)(draw)
+
+
+@_each_file
 def ppl_vs_window(frame: pd.DataFrame, windows: list[str], dataset: str, out_dir: Path) -> list[Path]:
     """One line per model: perplexity over evaluation windows; L dashed, L' dotted."""
     rows = _measured(frame)
@@ -73,7 +91,7 @@ def ppl_vs_window(frame: pd.DataFrame, windows: list[str], dataset: str, out_dir
     ax.set_ylabel(PPL_LABEL)
     ax.set_title(f"{dataset}: perplexity vs evaluation window")
     ax.legend(fontsize=7)
-    return save(fig, out_dir, f"ppl_vs_window_{dataset}")
+    return save(fig, out_dir, f"ppl_vs_window_{_slug(dataset)}")
 
 
 def _with_ft_start(rows: pd.DataFrame, group: list[str]) -> pd.DataFrame:
@@ -104,7 +122,8 @@ def _lines(ax, rows: pd.DataFrame, group: list[str], x: str, y: str) -> None:
         ax.plot(g[x].astype(float), g[y].astype(float), marker="o", label=" ".join(str(k) for k in key))
 
 
-def kmax_vs_steps(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+@_each_file
+def kmax_vs_steps(frame: pd.DataFrame, metric_columns: list[str], part: str, out_dir: Path) -> list[Path]:
     rows = _measured(frame)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _lines(ax, rows, ["base_model", "method", "length"], "steps", "k_max")
@@ -117,7 +136,8 @@ def kmax_vs_steps(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return save(fig, out_dir, "kmax_vs_steps")
 
 
-def ppl_vs_steps(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+@_each_file
+def ppl_vs_steps(frame: pd.DataFrame, metric_columns: list[str], part: str, out_dir: Path) -> list[Path]:
     rows = _measured(frame)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _lines(ax, rows, ["base_model", "method", "benchmark", "window"], "steps", "ppl")
@@ -139,12 +159,10 @@ def _run_order(rid: provenance.RowId) -> tuple:
 
 def passkey_success(board: Leaderboard, problems: list[Problem]) -> dict[int, dict[provenance.RowId, dict[int, float]]]:
     """{length: {run: {k: success rate}}} from the passkey samples logs (--log_samples)."""
-    from pieval.passkey import heat_map
-
     out: dict[int, dict[provenance.RowId, dict[int, float]]] = {}
     for rf in board.files:
         for task, path in sorted(rf.samples.items()):
-            if tables.kind_of(rf, task) != "passkey" or provenance.missing(rf):
+            if tables.table_of(rf, task) is not tables.BY_NAME["passkey"] or provenance.missing(rf):
                 continue
             try:
                 rates = heat_map(iter_samples(path))
@@ -175,21 +193,24 @@ def passkey_heatmap(length: int, runs: dict[provenance.RowId, dict[int, float]],
     return save(fig, out_dir, f"passkey_heatmap_{length}")
 
 
+def passkey_heatmaps(board: Leaderboard, table: tables.Table, out_dir: Path) -> list[Path]:
+    """One heat map per target length, from the samples logs of the table's tasks."""
+    paths = []
+    for length, runs in sorted(passkey_success(board, board.problems).items()):
+        paths += passkey_heatmap(length, runs, out_dir)
+    return paths
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
 def draw(board: Leaderboard, out_dir: str | Path) -> list[Path]:
+    """Every table's plots, in `tables.TABLES` order."""
     out_dir = Path(out_dir)
     paths: list[Path] = []
     with plt.rc_context(RC):
-        for name, frame in sorted(board.tables.items()):
-            if name.startswith("ppl_") and name != "ppl_vs_steps" and len(_measured(frame)):
-                paths += ppl_vs_window(frame, board.metric_columns[name], _slug(name.removeprefix("ppl_")), out_dir)
-        if "passkey" in board.tables and len(_measured(board.tables["passkey"])):
-            paths += kmax_vs_steps(board.tables["passkey"], out_dir)
-        if "ppl_vs_steps" in board.tables and len(_measured(board.tables["ppl_vs_steps"])):
-            paths += ppl_vs_steps(board.tables["ppl_vs_steps"], out_dir)
-        for length, runs in sorted(passkey_success(board, board.problems).items()):
-            paths += passkey_heatmap(length, runs, out_dir)
+        for table in tables.TABLES:
+            for name in table.plots:
+                paths += globals()[name](board, table, out_dir)
     return paths

@@ -155,9 +155,18 @@ def _truncation(max_doc_tokens, cut=None) -> str:
     return f"first {max_doc_tokens} tokens" + (f" ({cut} docs cut)" if cut is not None else "")
 
 
+# Imported here, beside the per-task part that alone uses them.
+from collections.abc import Callable  # noqa: E402
+
+from pieval.protocol import GOVREPORT_MAX_DOC_TOKENS, PASSKEY_SEED  # noqa: E402
+
 # What each kind of task records about its data (the task metadata written into the
 # results JSON's ``configs`` section); a task that does not use a field leaves it empty.
-def _perplexity_fields(rf: ResultsFile, task: str) -> dict:
+# Each function is the ``fields`` of one or more entries of `tables.TABLES`.
+TASK_FIELD_DEFAULTS = {"dataset": None, "dataset_revision": None, "docs": None, "stride": None, "truncation": "none", "seed": None}
+
+
+def perplexity_fields(rf: ResultsFile, task: str) -> dict:
     meta = rf.task_metadata(task)
     corpus, scoring, documents = meta.get("corpus") or {}, meta.get("scoring") or {}, meta.get("documents") or {}
     data_path = _first(corpus.get("data_path"), meta.get("data_path"))
@@ -174,20 +183,16 @@ def _perplexity_fields(rf: ResultsFile, task: str) -> dict:
     }
 
 
-def _passkey_fields(rf: ResultsFile, task: str) -> dict:
-    from pieval.passkey import DEFAULT_SEED
-
+def passkey_fields(rf: ResultsFile, task: str) -> dict:
     meta = rf.task_metadata(task)
     return {
         "dataset": "generated passkey prompts",
         "docs": _n_samples(rf, task),
-        "seed": meta.get("seed", DEFAULT_SEED),  # the task's default when --metadata gave none
+        "seed": meta.get("seed", PASSKEY_SEED),  # the task's default when --metadata gave none
     }
 
 
-def _govreport_fields(rf: ResultsFile, task: str) -> dict:
-    from pieval.protocol import GOVREPORT_MAX_DOC_TOKENS
-
+def govreport_fields(rf: ResultsFile, task: str) -> dict:
     meta = rf.task_metadata(task)
     return {
         "dataset": meta.get("data_path") or f"tau/scrolls:gov_report:{meta.get('split') or 'validation'}",
@@ -198,7 +203,7 @@ def _govreport_fields(rf: ResultsFile, task: str) -> dict:
     }
 
 
-def _lmeval_task_fields(rf: ResultsFile, task: str) -> dict:
+def lmeval_task_fields(rf: ResultsFile, task: str) -> dict:
     cfg = rf.data["configs"].get(task) or {}
     name = ":".join(str(p) for p in (cfg.get("dataset_path"), cfg.get("dataset_name")) if p) or None
     return {
@@ -209,14 +214,6 @@ def _lmeval_task_fields(rf: ResultsFile, task: str) -> dict:
     }
 
 
-TASK_FIELDS = {
-    "perplexity": _perplexity_fields,
-    "passkey": _passkey_fields,
-    "govreport": _govreport_fields,
-    "original_window": _lmeval_task_fields,
-}
-
-
 def _date(rf: ResultsFile) -> str:
     d = rf.data["date"]
     if isinstance(d, (int, float)):
@@ -224,12 +221,11 @@ def _date(rf: ResultsFile) -> str:
     return str(d)
 
 
-def columns(rf: ResultsFile, task: str, kind: str) -> dict[str, object]:
-    """The provenance columns of ``task``'s row (``kind``: its table, a `TASK_FIELDS` key)."""
+def columns(rf: ResultsFile, task: str, fields: Callable[[ResultsFile, str], dict]) -> dict[str, object]:
+    """The provenance columns of ``task``'s row; ``fields``: its table's (`tables.Table.fields`)."""
     require(rf)
     pv, cfg = _pieval(rf), rf.data["config"]
-    task_fields = {"dataset": None, "dataset_revision": None, "docs": None, "stride": None, "truncation": "none", "seed": None}
-    task_fields.update(TASK_FIELDS[kind](rf, task))
+    task_fields = {**TASK_FIELD_DEFAULTS, **fields(rf, task)}
     return {
         "model_revision": cfg.get("model_revision"),
         "model_sha": _first(pv.get("model_sha"), cfg.get("model_sha")),

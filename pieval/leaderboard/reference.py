@@ -3,20 +3,30 @@
 `paper_reference.yaml` ships inside the wheel (it sits in the package). Reference rows share
 the measured tables' columns so a user sees their model beside LLaMA-7B PI, but they carry no
 provenance columns, only the paper table in ``reference``, and are never merged with measured
-rows.
+rows. Each function here is the ``reference`` of one entry of `tables.TABLES`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-import pandas as pd
 import yaml
 
-from pieval.leaderboard import tables
-
 DATA = "paper_reference.yaml"
+# Last column of every table: the paper table a reference row comes from (empty for measured rows).
+REFERENCE_COLUMN = "reference"
+# The table's only part when it is not split by dataset (see `tables.Table.per_dataset`).
+WHOLE = ""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A paper table's rows as records, and the metric columns that table has (its windows)."""
+
+    records: list[dict]
+    columns: tuple[str, ...] = ()
 
 
 @cache
@@ -34,7 +44,7 @@ def _row(d: dict, table: str, method: str, context_length: int, steps: int | Non
         "L": data()["base_window"],
         "L'": context_length,
         "steps": steps,
-        tables.REFERENCE_COLUMN: f"{data()['citation']} {table}",
+        REFERENCE_COLUMN: f"{data()['citation']} {table}",
     }
 
 
@@ -42,19 +52,20 @@ def _steps(method: str) -> int | None:
     return data()["steps"].get(method)
 
 
-def perplexity(dataset: str, key_columns: tuple[str, ...], value_columns: list[str]) -> pd.DataFrame:
-    """Tables 1 (pg19) and 2 (proofpile); other datasets have no reference rows."""
-    ref = data()["perplexity"].get(dataset)
-    records = []
-    if ref:
+def perplexity() -> dict[str, Rows]:
+    """Tables 1 (pg19) and 2 (proofpile), by dataset; other datasets have no reference rows."""
+    out = {}
+    for dataset, ref in data()["perplexity"].items():
+        records = []
         for r in ref["rows"]:
             row = _row(r, ref["table"], r["method"], r["context_length"], _steps(r["method"]))
             row.update({str(w): v for w, v in zip(ref["windows"], r["ppl"])})
             records.append(row)
-    return _frame(records, key_columns, value_columns)
+        out[dataset] = Rows(records, tuple(str(w) for w in ref["windows"]))
+    return out
 
 
-def ppl_vs_steps(key_columns: tuple[str, ...]) -> pd.DataFrame:
+def ppl_vs_steps() -> dict[str, Rows]:
     """Table 3: PG-19 perplexity at W = L' after each number of PI fine-tuning steps."""
     ref = data()["ppl_vs_steps"]
     records = [
@@ -62,10 +73,10 @@ def ppl_vs_steps(key_columns: tuple[str, ...]) -> pd.DataFrame:
         for r in ref["rows"]
         for step, ppl in zip(ref["steps"], r["ppl"])
     ]
-    return _frame(records, key_columns, ["ppl"])
+    return {WHOLE: Rows(records)}
 
 
-def passkey(key_columns: tuple[str, ...]) -> pd.DataFrame:
+def passkey() -> dict[str, Rows]:
     """Table 4: k_max at target length L' after each number of fine-tuning steps."""
     ref = data()["passkey"]
     records = [
@@ -74,28 +85,24 @@ def passkey(key_columns: tuple[str, ...]) -> pd.DataFrame:
         for step, k in zip(ref["steps"], r["k_max"])
         if k is not None
     ]
-    return _frame(records, key_columns, list(tables.PASSKEY_METRICS))
+    return {WHOLE: Rows(records)}
 
 
-def original_window(value_columns: list[str]) -> pd.DataFrame:
+def original_window() -> dict[str, Rows]:
     """Table 5: zero-shot accuracy (%) at the original window."""
     ref = data()["original_window"]
     records = [
         {**_row(r, ref["table"], r["method"], r["context_length"], _steps(r["method"])), **dict(zip(ref["columns"], r["acc"]))}
         for r in ref["rows"]
     ]
-    return _frame(records, (), value_columns)
+    return {WHOLE: Rows(records)}
 
 
-def govreport() -> pd.DataFrame:
+def govreport() -> dict[str, Rows]:
     """Table 6: ROUGE-1/2/L (%) on GovReport."""
     ref = data()["govreport"]
     records = [
-        {**_row(r, ref["table"], r["method"], r["context_length"], _steps(r["method"])), **dict(zip(tables.ROUGE_METRICS, r["rouge"]))}
+        {**_row(r, ref["table"], r["method"], r["context_length"], _steps(r["method"])), **dict(zip(ref["columns"], r["rouge"]))}
         for r in ref["rows"]
     ]
-    return _frame(records, (), list(tables.ROUGE_METRICS))
-
-
-def _frame(records: list[dict], key_columns: tuple[str, ...], value_columns: list[str]) -> pd.DataFrame:
-    return pd.DataFrame.from_records(records, columns=tables.columns(key_columns, value_columns))
+    return {WHOLE: Rows(records)}

@@ -66,13 +66,21 @@ def load(path: Path, label: str) -> ResultsFile:
     return ResultsFile(path, label, data, _samples_beside(path))
 
 
+# lm_eval.utils.get_file_datetime / get_file_task_name cut these names the same way (a test runs
+# both on the same names); importing lm_eval.utils would pull requests and jinja2 into every
+# `pieval leaderboard` run, about a fifth of its time.
+def date_id(path: Path) -> str:
+    """The ``<date_id>`` of ``results_<date_id>.json``, ``x_<date_id>.json`` or ``samples_<task>_<date_id>.jsonl``."""
+    return path.stem.rsplit("_", 1)[-1]
+
+
+def samples_task(path: Path) -> str:
+    """The ``<task>`` of ``samples_<task>_<date_id>.jsonl``; task names may contain underscores."""
+    return path.name[len("samples_") : path.name.rfind("_")]
+
+
 def _samples_beside(path: Path) -> dict[str, Path]:
-    date_id = path.stem.rsplit("_", 1)[-1]
-    samples = {}
-    for p in sorted(path.parent.glob(f"samples_*_{date_id}.jsonl")):
-        # samples_<task>_<date_id>.jsonl; task names may contain underscores
-        samples[p.name[len("samples_") : -len(f"_{date_id}.jsonl")]] = p
-    return samples
+    return {samples_task(p): p for p in sorted(path.parent.glob(f"samples_*_{date_id(path)}.jsonl"))}
 
 
 def _results_paths(root: Path) -> list[Path]:
@@ -84,8 +92,8 @@ def _results_paths(root: Path) -> list[Path]:
 def _is_json_output_file(p: Path) -> bool:
     # `--output_path out.json` names its file out_<date_id>.json; only a JSON whose name has
     # a date id counts, so unrelated JSON files in the tree (configs, tokenizers) are not read.
-    stem = p.stem.rsplit("_", 1)
-    return len(stem) == 2 and stem[1][:4].isdigit() and "T" in stem[1]
+    stamp = date_id(p)
+    return "_" in p.stem and stamp[:4].isdigit() and "T" in stamp
 
 
 def iter_results(roots: list[str | Path], problems: list[Problem]) -> Iterator[ResultsFile]:

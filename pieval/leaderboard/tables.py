@@ -1,4 +1,4 @@
-"""lm-eval results -> the paper's tables, one pandas frame each.
+"""lm-eval results -> the paper's tables, one pandas frame each; `TABLES` is the registry of tables.
 
 Every metric value becomes a `Cell` keyed by the model's `RowId`, a table-specific key and a
 column; cells of the same row merge across results files (a model's windows may come from
@@ -9,18 +9,17 @@ provenance of the cells it shows.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from pieval import protocol
-from pieval.leaderboard import provenance
+from pieval.leaderboard import provenance, reference
+from pieval.leaderboard.reference import REFERENCE_COLUMN
 from pieval.leaderboard.results import Problem, ResultsFile
 
 ID_COLUMNS = ("source", "model", "base_model", "method", "L", "L'", "steps")
-# Last column: the paper table a reference row comes from (empty for measured rows).
-REFERENCE_COLUMN = "reference"
 INT_COLUMNS = frozenset({"L", "L'", "steps", "length", "k_max", "k_tested", "window", "docs", "stride", "seed"})
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL")
 PASSKEY_METRICS = ("k_max", "k_tested", "acc")
@@ -105,12 +104,17 @@ def govreport_cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
     return [Cell(rid, (), r, 100.0 * _number(m[r], r, rf, task), prov["date"], prov) for r in ROUGE_METRICS]
 
 
-def original_window_cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
-    m = metrics(rf, task)
-    if "acc" not in m:
-        raise ValueError(f"{rf.label}: {task} has no acc metric (has {sorted(m)})")
-    value = 100.0 * _number(m["acc"], "acc", rf, task)  # percent, as the paper prints it
-    return [Cell(provenance.row_id(rf), (), ORIGINAL_WINDOW_TASK_COLUMN[task], value, prov["date"], prov)]
+def accuracy_cells(column_of: Mapping[str, str]) -> Callable[[ResultsFile, str, dict], list[Cell]]:
+    """The cells function of a table of lm-eval tasks that report ``acc``: task -> its column."""
+
+    def cells(rf: ResultsFile, task: str, prov: dict) -> list[Cell]:
+        m = metrics(rf, task)
+        if "acc" not in m:
+            raise ValueError(f"{rf.label}: {task} has no acc metric (has {sorted(m)})")
+        value = 100.0 * _number(m["acc"], "acc", rf, task)  # percent, as the paper prints it
+        return [Cell(provenance.row_id(rf), (), column_of[task], value, prov["date"], prov)]
+
+    return cells
 
 
 def dataset_name(task: str) -> str:
@@ -118,34 +122,124 @@ def dataset_name(task: str) -> str:
     return task.removesuffix("_ppl")
 
 
-def kind_of(rf: ResultsFile, task: str) -> str | None:
+def ppl_vs_steps(ppl_cells: list[Cell]) -> list[Cell]:
+    """Perplexity at the target window W = L' of every extended or fine-tuned model (the paper's Table 3).
+
+    An unmodified model run at L' > L is kept too: it is step 0 of direct fine-tuning (FT).
+    """
+    return [
+        Cell(c.rid, (*c.key, int(c.column)), "ppl", c.value, c.date, c.prov)
+        for c in ppl_cells
+        if int(c.column) == c.rid.L_prime and (c.rid.method != "base" or c.rid.steps > 0 or c.rid.L_prime > c.rid.L)
+    ]
+
+
+@dataclass(frozen=True)
+class Table:
+    """One leaderboard table: the tasks it takes, its cells and their provenance, the paper's rows, its plots.
+
+    A table either takes tasks (``takes``, ``cells``, ``fields``) or is drawn from the cells of
+    the table named ``of`` (``derive``). `build`, `provenance.columns` and `plots` only iterate
+    over `TABLES`, so a new table is one entry there.
+    """
+
+    name: str  # CSV file stem; with per_dataset, its prefix: <name>_<dataset>.csv
+    key_columns: tuple[str, ...] = ()  # the row key after the model's columns, e.g. ("length",)
+    metric_columns: tuple[str, ...] | None = None  # None: one per evaluation window its cells and reference rows have
+    takes: Callable[[ResultsFile, str], bool] | None = None  # is this task's result one of this table's?
+    cells: Callable[[ResultsFile, str, dict], list[Cell]] | None = None  # (file, task, provenance) -> cells
+    fields: Callable[[ResultsFile, str], dict] | None = None  # the task's data provenance (provenance.py)
+    of: str | None = None  # a table that takes tasks, whose cells ``derive`` turns into this one's
+    derive: Callable[[list[Cell]], list[Cell]] | None = None
+    per_dataset: bool = False  # one file per dataset: the first element of each cell's key
+    reference: Callable[[], dict[str, reference.Rows]] | None = None  # the paper's rows by dataset (reference.WHOLE)
+    plots: tuple[str, ...] = ()  # functions of pieval.leaderboard.plots, named so matplotlib loads only for --plots
+
+    def __post_init__(self):
+        if (self.of is None) == (self.takes is None) or (self.of is None) != (self.derive is None):
+            raise ValueError(f"table {self.name}: give takes, cells and fields, or of and derive")
+        if self.of is None and (self.cells is None or self.fields is None):
+            raise ValueError(f"table {self.name}: a table that takes tasks needs cells and fields")
+
+    def part(self, cell: Cell) -> tuple[str, Cell]:
+        """(the file part a cell goes to, the cell keyed within that file)."""
+        if not self.per_dataset:
+            return reference.WHOLE, cell
+        return cell.key[0], Cell(cell.rid, cell.key[1:], cell.column, cell.value, cell.date, cell.prov)
+
+    def stem(self, part: str) -> str:
+        return f"{self.name}_{part}" if self.per_dataset else self.name
+
+
+def _has_metric(prefix: str) -> Callable[[ResultsFile, str], bool]:
+    return lambda rf, task: any(n.startswith(prefix) for n in metrics(rf, task))
+
+
+def _perplexity_task(rf: ResultsFile, task: str) -> bool:
+    return _has_metric("token_ppl_")(rf, task) or task.endswith("_ppl")
+
+
+# The paper's tables in build order. A task goes to the first table whose ``takes`` accepts it.
+TABLES: tuple[Table, ...] = (
+    Table(  # Tables 1 and 2
+        "ppl",
+        takes=_perplexity_task,
+        cells=perplexity_cells,
+        fields=provenance.perplexity_fields,
+        per_dataset=True,
+        reference=reference.perplexity,
+        plots=("ppl_vs_window",),
+    ),
+    Table(  # Table 3
+        "ppl_vs_steps",
+        key_columns=("benchmark", "window"),
+        metric_columns=("ppl",),
+        of="ppl",
+        derive=ppl_vs_steps,
+        reference=reference.ppl_vs_steps,
+        plots=("ppl_vs_steps",),
+    ),
+    Table(  # Table 4
+        "passkey",
+        key_columns=("length",),
+        metric_columns=PASSKEY_METRICS,
+        takes=_has_metric("k_max_"),
+        cells=passkey_cells,
+        fields=provenance.passkey_fields,
+        reference=reference.passkey,
+        plots=("kmax_vs_steps", "passkey_heatmaps"),
+    ),
+    Table(  # Table 6
+        "govreport",
+        metric_columns=ROUGE_METRICS,
+        takes=lambda rf, task: task.startswith("govreport"),
+        cells=govreport_cells,
+        fields=provenance.govreport_fields,
+        reference=reference.govreport,
+    ),
+    Table(  # Table 5
+        "original_window",
+        metric_columns=ORIGINAL_WINDOW_COLUMNS,
+        takes=lambda rf, task: task in ORIGINAL_WINDOW_TASK_COLUMN,
+        cells=accuracy_cells(ORIGINAL_WINDOW_TASK_COLUMN),
+        fields=provenance.lmeval_task_fields,
+        reference=reference.original_window,
+    ),
+)
+BY_NAME = {t.name: t for t in TABLES}
+
+
+def table_of(rf: ResultsFile, task: str) -> Table | None:
     """Which table a task's results go to (None: a task the leaderboard does not tabulate)."""
-    names = metrics(rf, task)
-    if any(n.startswith("token_ppl_") for n in names) or task.endswith("_ppl"):
-        return "perplexity"
-    if any(n.startswith("k_max_") for n in names):
-        return "passkey"
-    if task.startswith("govreport"):
-        return "govreport"
-    if task in ORIGINAL_WINDOW_TASK_COLUMN:
-        return "original_window"
-    return None
-
-
-_CELLS = {
-    "perplexity": perplexity_cells,
-    "passkey": passkey_cells,
-    "govreport": govreport_cells,
-    "original_window": original_window_cells,
-}
+    return next((t for t in TABLES if t.takes is not None and t.takes(rf, task)), None)
 
 
 def collect(files: Iterable[ResultsFile], problems: list[Problem]) -> dict[str, list[Cell]]:
-    """All cells by table kind; a file or task that cannot give a row becomes a `Problem`."""
-    cells: dict[str, list[Cell]] = {k: [] for k in _CELLS}
+    """All cells by table name; a file or task that cannot give a row becomes a `Problem`."""
+    cells: dict[str, list[Cell]] = {t.name: [] for t in TABLES}
     for rf in files:
-        tasks = [(t, kind_of(rf, t)) for t in sorted(rf.data["results"])]
-        tasks = [(t, k) for t, k in tasks if k]
+        tasks = [(t, table_of(rf, t)) for t in sorted(rf.data["results"])]
+        tasks = [(t, table) for t, table in tasks if table]
         if not tasks:
             names = ", ".join(sorted(rf.data["results"])) or "none"
             problems.append(Problem(rf.label, f"{rf.label}: none of its tasks ({names}) is one the leaderboard tabulates"))
@@ -160,11 +254,14 @@ def collect(files: Iterable[ResultsFile], problems: list[Problem]) -> dict[str, 
                 )
             )
             continue
-        for task, kind in tasks:
+        for task, table in tasks:
             try:
-                cells[kind] += _CELLS[kind](rf, task, provenance.columns(rf, task, kind))
+                cells[table.name] += table.cells(rf, task, provenance.columns(rf, task, table.fields))
             except ValueError as e:
                 problems.append(Problem(rf.label, f"{e}; that row is not written"))
+    for table in TABLES:
+        if table.of is not None:
+            cells[table.name] = table.derive(cells[table.of])
     return cells
 
 
@@ -218,18 +315,6 @@ def assemble(
 
 def columns(key_columns: tuple[str, ...], value_columns: list[str]) -> list[str]:
     return [*ID_COLUMNS, *key_columns, *value_columns, *provenance.COLUMNS, REFERENCE_COLUMN]
-
-
-def ppl_vs_steps(ppl_cells: list[Cell]) -> list[Cell]:
-    """Perplexity at the target window W = L' of every extended or fine-tuned model (the paper's Table 3).
-
-    An unmodified model run at L' > L is kept too: it is step 0 of direct fine-tuning (FT).
-    """
-    return [
-        Cell(c.rid, (*c.key, int(c.column)), "ppl", c.value, c.date, c.prov)
-        for c in ppl_cells
-        if int(c.column) == c.rid.L_prime and (c.rid.method != "base" or c.rid.steps > 0 or c.rid.L_prime > c.rid.L)
-    ]
 
 
 def is_number(value) -> bool:
