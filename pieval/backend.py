@@ -3,7 +3,8 @@
 Only what PI changes is overridden: the config is extended before the model is built
 (``_get_config``), the built model is checked (``_create_model``), ``max_length``
 defaults to L', over-long requests fail loudly instead of being left-truncated, and
-the results JSON records the extension (``get_model_info``). Every HFLM model_arg
+the results JSON records the extension and, for a checkpoint `pieval finetune` made, the
+facts its config.json records (``get_model_info``, under ``config.pieval.finetune``). Every HFLM model_arg
 (dtype, device, batch_size, attn_implementation, peft, ...) passes through unchanged.
 """
 
@@ -16,7 +17,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
-from pieval import gguf, loading, rope
+from pieval import facts, gguf, loading, rope
 from pieval.errors import UserError
 from pieval.perplexity import SlidingWindowMixin
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class PILlama(SlidingWindowMixin, HFLM):
-    """HFLM + ``scaling_factor=s`` | ``context_length=L'`` and ``rope_method=pi|ntk|dynamic|yarn``.
+    """HFLM + ``scaling_factor=s`` | ``context_length=L'`` and ``rope_method`` (a `pieval.rope.METHODS` key).
 
     No factor = the checkpoint as saved. ``max_length`` defaults to L' = round(s·L).
     Requests longer than ``max_length`` raise unless ``truncation=True``, which
@@ -211,6 +212,9 @@ class PILlama(SlidingWindowMixin, HFLM):
             "window_start_token": self.window_start_token(),
             "pieval_version": pieval.__version__,
         }
+        recorded = facts.recorded(model.config)
+        if recorded:
+            info["pieval"]["finetune"] = recorded
         return info
 
 

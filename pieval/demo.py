@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
              "--output_path", rel(base_out)], work / "logs" / "base.log")
 
     fine_tunes = []
-    for method, label in (("pi", "PI"), ("none", "direct fine-tuning without PI (FT)")):
+    for method, label in (("pi", "PI"), ("direct", "direct fine-tuning without PI (FT)")):
         out = work / f"finetune_{method}"
         print(f"== {2 if method == 'pi' else 3}. {label} to L'={L_prime}: fine-tune {plan.finetune_steps} steps "
               f"of {plan.finetune_batch} sequences, evaluated every {plan.eval_every}")
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         run_together(fine_tunes)
 
     print(f"== 4. leaderboards -> {boards}")
-    run([py, "-m", "pieval", "leaderboard", rel(base_out), rel(work / "finetune_pi"), rel(work / "finetune_none"),
+    run([py, "-m", "pieval", "leaderboard", rel(base_out), rel(work / "finetune_pi"), rel(work / "finetune_direct"),
          "--out", rel(boards), "--plots"], work / "logs" / "leaderboard.log")
 
     print(f"== 5. the paper's claims at small scale (L={L}, L'={L_prime}), measured from {boards}")

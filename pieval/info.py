@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pieval import loading, rope
+from pieval import facts, loading, rope
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def describe(config) -> dict:
-    """The checkpoint as saved: base window L, rope type, factor s, window L' = round(s·L), theta."""
+    """The checkpoint as saved: base window L, rope type, factor s, window L', theta, and how
+    `pieval finetune` made it when it did (the facts its config.json records)."""
     spec = rope.resolve(config)
+    made = facts.recorded(config)
     return {
         "model_type": config.model_type,
         "base_window": spec.base_window,
@@ -30,7 +32,14 @@ def describe(config) -> dict:
         "context_length": spec.context_length,
         "theta": spec.theta,
         "max_position_embeddings": config.max_position_embeddings,
+        **({"finetune": made} if made else {}),
     }
+
+
+def _finetune_line(made: dict) -> str:
+    """e.g. "directly to L'=1024, 200 steps from models/kjv-llama-tiny"."""
+    how = "directly" if made.get("method") == "direct" else f"with PI s={float(made.get('factor') or 1):g}"
+    return f"{how} to L'={made.get('context_length')}, {made.get('steps')} steps from {made.get('base_model')}"
 
 
 LABELS = {
@@ -41,6 +50,7 @@ LABELS = {
     "context_length": "window L'",
     "theta": "rope_theta",
     "max_position_embeddings": "max_position_embeddings",
+    "finetune": "fine-tuned",
 }
 
 
@@ -53,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
     labels = {"checkpoint": "checkpoint", **LABELS}
     width = max(map(len, labels.values()))
     for key, value in info.items():
-        shown = f"{value:g}" if isinstance(value, float) else value
+        shown = f"{value:g}" if isinstance(value, float) else _finetune_line(value) if key == "finetune" else value
         print(f"{labels[key]:<{width}}  {shown}")
     return 0

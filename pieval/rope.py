@@ -7,7 +7,19 @@ side-by-side comparison and go through transformers' own rope functions.
 
 The factor s is always relative to the checkpoint's *base* window L (the window it was
 pre-trained on), never to whatever ``max_position_embeddings`` an extended checkpoint
-records, so asking an s=4 checkpoint for s=4 again changes nothing.
+records, so asking an s=4 checkpoint for s=4 again changes nothing. A checkpoint
+`pieval finetune` made records L itself (`pieval.facts`), which wins over what the rope
+settings imply.
+
+A directly fine-tuned checkpoint (`pieval finetune --method direct`: plain RoPE, trained at
+L' with positions as pre-trained) records L = 256, say, and is saved with
+``max_position_embeddings = L' = 1024``. As saved it runs at L' = 1024 with unscaled
+positions: its spec is factor 1 (no interpolation), base window 256, context length 1024,
+the one case where context_length is not round(s·L). ``scaling_factor=s`` on it still means
+s relative to L = 256 (s = 4 interpolates positions m/4 in a window of 1024).
+
+Each method is one entry of `METHODS` (builder, the transformers rope_type it runs, its
+leaderboard label, a help line), as transformers keeps ``ROPE_INIT_FUNCTIONS``.
 """
 
 from __future__ import annotations
@@ -17,19 +29,14 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from pieval import facts
 from pieval.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-# pieval method -> the transformers rope_type a model built with it runs
-ROPE_TYPES: dict[str, str] = {
-    "pi": "linear",  # Chen et al. 2023: positions m/s
-    "ntk": "default",  # "NTK-aware" static base change (bloc97): theta · s^(d/(d-2))
-    "dynamic": "dynamic",  # dynamic NTK: base grows with the running sequence length past L
-    "yarn": "yarn",  # Peng et al. 2023
-}
-AS_SAVED = "none"  # method of a spec that leaves the checkpoint as saved
+AS_SAVED = "as_saved"  # method of a spec that leaves the checkpoint as saved
+_ALIASES = {"none": AS_SAVED}  # rope_method=none: the earlier name, still accepted
 
 
 class RopeMismatchError(RuntimeError):
@@ -40,14 +47,14 @@ class RopeMismatchError(RuntimeError):
 class RopeSpec:
     """One context extension of one checkpoint.
 
-    ``method`` is "pi", "ntk", "dynamic", "yarn", or "none" (= the checkpoint as saved,
-    whose recorded factor and window are then reported here).
+    ``method`` is a `METHODS` key, or `AS_SAVED` (the checkpoint as saved, whose recorded
+    factor and window are then reported here).
     """
 
     method: str
-    factor: float  # s = L'/L, relative to base_window (1.0 = unscaled)
+    factor: float  # s = L'/L, relative to base_window (1.0 = unscaled positions)
     base_window: int  # L, the window the checkpoint was pre-trained on
-    context_length: int  # L' = round(s·L)
+    context_length: int  # L' = round(s·L); as saved, a direct fine-tune's trained window
     theta: float  # the checkpoint's rope_theta (kept; "ntk" derives its own from it)
 
 
@@ -76,11 +83,15 @@ def rope_parameters(config) -> dict[str, Any]:
 def base_window(config) -> int:
     """L: the window the checkpoint was pre-trained on, also for an already-extended checkpoint.
 
-    yarn/llama3/longrope record it as ``original_max_position_embeddings``; a linear (PI)
-    checkpoint records L' = s·L in ``max_position_embeddings`` (the convention of PI and
-    LongChat checkpoints, and of ``apply``); dynamic NTK keeps L there.
+    A checkpoint `pieval finetune` wrote records it (`pieval.facts`). yarn/llama3/longrope
+    record it as ``original_max_position_embeddings``; a linear (PI) checkpoint records
+    L' = s·L in ``max_position_embeddings`` (the convention of PI and LongChat checkpoints,
+    and of ``apply``); dynamic NTK keeps L there.
     """
     params = rope_parameters(config)
+    recorded = facts.recorded(config).get("base_window")
+    if recorded:
+        return int(recorded)
     if params.get("original_max_position_embeddings"):
         return int(params["original_max_position_embeddings"])
     if params["rope_type"] == "linear":
@@ -94,6 +105,13 @@ def saved_factor(config) -> float:
     if params["rope_type"] == "default":
         return 1.0
     return float(params.get("factor") or config.max_position_embeddings / base_window(config))
+
+
+def saved_window(config) -> int:
+    """L' the checkpoint runs at as saved: round(s·L), or the window a direct fine-tune trained at."""
+    if facts.recorded(config).get("method") == "direct":
+        return int(config.max_position_embeddings)
+    return round(saved_factor(config) * base_window(config))
 
 
 def head_dim(config) -> int:
@@ -134,16 +152,22 @@ def _check_extends(s: float, arg: str, L: int) -> None:
         )
 
 
+def method_name(rope_method) -> str:
+    """The canonical name of a ``rope_method`` value (case and the ``none`` alias folded)."""
+    method = str(rope_method).strip().lower()
+    return _ALIASES.get(method, method)
+
+
 def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") -> RopeSpec:
     """The extension asked for by the ``pi_llama`` model_args, checked against ``config``.
 
-    No factor and no context_length = the checkpoint as saved (method "none"): a base
+    No factor and no context_length = the checkpoint as saved (method `AS_SAVED`): a base
     checkpoint then runs un-extended, the paper's "direct extrapolation" baseline.
     """
-    method = str(rope_method).strip().lower()
-    if method not in (*ROPE_TYPES, AS_SAVED):
+    method = method_name(rope_method)
+    if method not in (*METHODS, AS_SAVED):
         raise UserError(
-            f"unknown rope_method {rope_method!r}: use one of {', '.join(ROPE_TYPES)} "
+            f"unknown rope_method {rope_method!r}: use one of {', '.join(METHODS)} "
             f"(or {AS_SAVED} for the checkpoint as saved)"
         )
     L = base_window(config)
@@ -157,12 +181,11 @@ def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") 
                 f"rope_method={method} needs scaling_factor=S or context_length=N: without them "
                 "the checkpoint runs as saved"
             )
-        s = saved_factor(config)
-        return RopeSpec(AS_SAVED, s, L, round(s * L), theta)
+        return RopeSpec(AS_SAVED, saved_factor(config), L, saved_window(config), theta)
     if method == AS_SAVED:
         raise UserError(
             f"rope_method={AS_SAVED} keeps the checkpoint as saved, but a factor was given: drop "
-            f"scaling_factor/context_length or pick one of {', '.join(ROPE_TYPES)}"
+            f"scaling_factor/context_length or pick one of {', '.join(METHODS)}"
         )
     if given_len is not None:
         if given_len != int(given_len):
@@ -213,12 +236,31 @@ def _yarn(spec: RopeSpec, config) -> tuple[dict, int]:
     return params, spec.context_length
 
 
-BUILDERS: dict[str, Callable[[RopeSpec, Any], tuple[dict, int]]] = {
-    "pi": _linear,
-    "ntk": _ntk,
-    "dynamic": _dynamic,
-    "yarn": _yarn,
+@dataclass(frozen=True)
+class Method:
+    """One context-extension method: how it writes a config, and how it is named."""
+
+    build: Callable[[RopeSpec, Any], tuple[dict, int]]  # -> (rope_parameters, max_position_embeddings)
+    rope_type: str  # the transformers rope_type a model built with it runs
+    label: str  # its name in the leaderboard and the paper
+    help: str
+
+
+METHODS: dict[str, Method] = {
+    "pi": Method(_linear, "linear", "PI", "Position Interpolation (Chen et al. 2023): positions m/s"),
+    "ntk": Method(_ntk, "default", "ntk", "NTK-aware static base change (bloc97): theta * s^(d/(d-2))"),
+    "dynamic": Method(_dynamic, "dynamic", "dynamic-ntk", "dynamic NTK: the base grows with the sequence length past L"),
+    "yarn": Method(_yarn, "yarn", "yarn", "YaRN (Peng et al. 2023)"),
 }
+
+
+def label_of_rope_type(rope_type: str) -> str:
+    """The method label of a checkpoint saved with ``rope_type`` (a foreign type names itself).
+
+    "default" is plain RoPE, which an ntk-extended checkpoint also saves as, so it names no method.
+    """
+    labels = {m.rope_type: m.label for m in METHODS.values() if m.rope_type != "default"}
+    return labels.get(rope_type, rope_type)
 
 
 def apply(config, spec: RopeSpec) -> None:
@@ -238,7 +280,7 @@ def apply(config, spec: RopeSpec) -> None:
 
 
 def _write(config, spec: RopeSpec) -> None:
-    params, max_positions = BUILDERS[spec.method](spec, config)
+    params, max_positions = METHODS[spec.method].build(spec, config)
     partial = rope_parameters(config).get("partial_rotary_factor")
     if partial is not None:
         params["partial_rotary_factor"] = partial
@@ -308,7 +350,7 @@ def verify(model, spec: RopeSpec) -> None:
         raise RopeMismatchError(
             f"{type(model).__name__} has no rotary module with an inv_freq buffer: pieval extends RoPE models"
         )
-    # for "none" apply() is a no-op, so this checks the model against the config it reports
+    # for AS_SAVED apply() is a no-op, so this checks the model against the config it reports
     expected, scaling = expected_rotary(model.config, spec)
     for name, module in rotary:
         live = module.inv_freq.detach().cpu()

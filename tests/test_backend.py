@@ -106,7 +106,7 @@ def test_max_length_defaults_to_extended_window(tiny_llama_dir):
 
 def test_already_extended_checkpoint(extended_dir, tiny_llama_dir):
     as_saved = load(extended_dir)
-    assert as_saved.rope == rope.RopeSpec("none", 4.0, L, 4 * L, 10000.0)
+    assert as_saved.rope == rope.RopeSpec(rope.AS_SAVED, 4.0, L, 4 * L, 10000.0)
     assert as_saved.max_length == 4 * L
     same = load(extended_dir, scaling_factor=4)
     assert same.model.config.to_dict() == as_saved.model.config.to_dict()
@@ -214,6 +214,20 @@ def test_model_info_records_provenance(tiny_llama_dir):
     assert (pieval_info["rope_method"], pieval_info["rope_type"], pieval_info["factor"]) == ("yarn", "yarn", 2.5)
     assert (pieval_info["base_window"], pieval_info["context_length"]) == (L, 640)
     assert pieval_info["pretrained"] == str(tiny_llama_dir)
+    assert "finetune" not in pieval_info  # pieval did not fine-tune it
+
+
+def test_model_info_carries_the_checkpoints_finetune_facts(tiny_llama_dir, tmp_path):
+    """A directly fine-tuned checkpoint: plain rope at L' = 4L, its base window L recorded in config.json."""
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.max_position_embeddings = 4 * L
+    config.pieval = {"method": "direct", "base_window": L, "factor": 4.0, "context_length": 4 * L, "steps": 7, "base_model": "m"}
+    LlamaForCausalLM.from_pretrained(tiny_llama_dir, config=config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(tmp_path)
+    lm = load(tmp_path)
+    assert lm.rope == rope.RopeSpec(rope.AS_SAVED, 1.0, L, 4 * L, 10000.0) and lm.max_length == 4 * L
+    info = lm.get_model_info()["pieval"]
+    assert info["finetune"] == config.pieval and info["base_window"] == L
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +272,7 @@ def test_bad_checkpoints_fail_before_loading(gpt2_dir, tmp_path, monkeypatch):
 def test_prebuilt_model_is_checked_not_rescaled(tiny_llama_dir):
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
     lm = PILlama(pretrained=model, tokenizer=str(tiny_llama_dir))
-    assert lm.rope.method == "none" and lm.max_length == L
+    assert lm.rope.method == rope.AS_SAVED and lm.max_length == L
     with pytest.raises(UserError, match="need a checkpoint path"):
         PILlama(pretrained=model, tokenizer=str(tiny_llama_dir), scaling_factor=4)
 

@@ -28,7 +28,7 @@ def test_quick_demo_produces_every_step(tiny_llama_dir, tmp_path):
 
     assert list((work / "base").rglob("results_*.json")), "base model evaluation"
     assert list((work / "base").rglob("samples_passkey_*.jsonl")), "passkey samples for the heat map"
-    for method in ("pi", "none"):
+    for method in ("pi", "direct"):
         run = work / f"finetune_{method}"
         assert (run / "final" / "config.json").is_file(), f"{method} fine-tune checkpoint"
         assert (run / "eval" / "results.jsonl").is_file(), f"{method} evaluation while training"

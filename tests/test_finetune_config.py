@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pieval.finetune.cli import add_arguments, config_from_args
-from pieval.finetune.config import ConfigError, FinetuneConfig, run_identity
+from pieval.finetune.config import RUNTIME_FIELDS, ConfigError, FinetuneConfig, renamed, run_identity
 from pieval.finetune.recipe import build_optimizer, build_scheduler, lr_factor
 
 BASE = {"model": "m", "output": "o", "scaling_factor": 4}
@@ -87,7 +87,7 @@ def test_all_invalid_settings_reported_at_once():
     msg = str(e.value)
     assert "scaling_factor must be >= 1 (got 0.5)" in msg
     assert "multiple of micro_batch" in msg and "--micro-batch 1" in msg
-    assert "method must be one of pi, none (got 'ntk')" in msg and "lr must be a positive number" in msg
+    assert "method must be one of pi, direct (got 'ntk')" in msg and "lr must be a positive number" in msg
 
 
 @pytest.mark.parametrize(
@@ -111,3 +111,24 @@ def test_run_identity_ignores_runtime_settings():
     b = FinetuneConfig.build({**BASE, "max_steps": 5, "eval_tasks": ["x"], "micro_batch": 2, "resume": True})
     c = FinetuneConfig.build({**BASE, "lr": 1e-4})
     assert run_identity(a) == run_identity(b) != run_identity(c)
+
+
+def test_runtime_fields_are_the_ones_a_resumed_run_may_change():
+    """Pinned: a different set would change the identity of every run already on disk."""
+    assert RUNTIME_FIELDS == {
+        "max_steps", "save_every", "keep_training_state", "resume", "overwrite", "micro_batch",
+        "gradient_checkpointing", "attn_implementation", "eval_tasks", "eval_every", "eval_limit",
+        "eval_batch_size", "eval_metadata", "eval_include_path", "eval_log_samples", "barrier_timeout_min", "log_with",
+        "progress", "output",
+    }  # fmt: skip
+
+
+def test_method_none_is_the_old_name_of_direct(caplog):
+    with caplog.at_level("WARNING"):
+        config = parse(["--model", "m", "--output", "o", "--scaling-factor", "4", "--method", "none"])
+    assert config.method == "direct"
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == "--method none is deprecated: use --method direct"
+    # a run made before the rename is the same run as the one asked for now
+    old = {**run_identity(config), "method": "none"}
+    assert renamed(old) == run_identity(config)

@@ -64,10 +64,18 @@ def pi_run(ref_model_dir, tmp_path_factory) -> Path:
 PLAIN_LOAD = r"""
 import json, sys, torch
 from pathlib import Path
+import logging
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+warned = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        warned.append(record.getMessage())
+hf_logging.get_logger().addHandler(Keep(level=logging.WARNING))
 base, ckpt, heldout = sys.argv[1:4]
 tok = AutoTokenizer.from_pretrained(ckpt)
 model = AutoModelForCausalLM.from_pretrained(ckpt)
+loaded_warnings = list(warned)
 cfg = AutoConfig.from_pretrained(base)
 cfg.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": cfg.rope_parameters["rope_theta"]}
 untrained = AutoModelForCausalLM.from_pretrained(base, config=cfg)  # PI applied, no fine-tuning
@@ -81,7 +89,8 @@ with torch.no_grad():
     out = {"rope": model.config.rope_parameters, "max_pos": model.config.max_position_embeddings,
            "inv_freq_max_abs_diff": (inv - base_inv / 4).abs().max().item(),
            "loss_untrained": loss(untrained), "loss_finetuned": loss(model),
-           "pieval_imported": sorted(m for m in sys.modules if m.startswith("pieval"))}
+           "pieval_imported": sorted(m for m in sys.modules if m.startswith("pieval")),
+           "load_warnings": loaded_warnings, "facts": model.config.pieval}
 print(json.dumps(out))
 """
 
@@ -97,6 +106,7 @@ def test_pi_finetune_lowers_loss_at_L_prime_and_loads_in_plain_transformers(pi_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out["pieval_imported"] == []
+    assert out["load_warnings"] == []  # the "pieval" key of config.json costs plain transformers nothing
     assert out["rope"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
     assert out["max_pos"] == 1024
     assert out["inv_freq_max_abs_diff"] == 0.0
@@ -107,6 +117,17 @@ def test_pi_finetune_lowers_loss_at_L_prime_and_loads_in_plain_transformers(pi_r
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
     saved = json.loads((final / "finetune_config.json").read_text())
     assert saved["lr"] == 3e-4 and saved["scaling_factor"] == 4.0 and saved["global_batch"] == 2
+    # every fact about the checkpoint, in its config.json (pieval.facts), as plain transformers reads it
+    from pieval.finetune.checkpoint import weights_sha
+    from pieval.loading import Source
+
+    assert out["facts"] == {
+        "method": "pi", "base_window": 256, "factor": 4.0, "context_length": 1024, "steps": 40,
+        "base_model": str(ref_model_dir), "base_revision": None, "base_sha": weights_sha(Source.of(str(ref_model_dir))),
+        "data": str(CORPUS), "data_revision": None, "task": "lm", "seed": 0, "pieval_version": "0.1.0",
+    }  # fmt: skip
+    first = json.loads((pi_run / "checkpoint-000020" / "config.json").read_text())["pieval"]
+    assert first == {**out["facts"], "steps": 20}
 
 
 @pytest.mark.slow
@@ -242,14 +263,55 @@ def test_lora_saves_a_plain_merged_checkpoint(tiny_llama_dir, tmp_path):
     assert config["rope_parameters"]["rope_type"] == "linear" and config["max_position_embeddings"] == 1024
 
 
-def test_direct_finetuning_baseline_keeps_rope_and_sets_the_window(tiny_llama_dir, tmp_path):
+def test_direct_finetuning_baseline_keeps_rope_and_sets_the_window(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--method", "none", "--gradient-checkpointing")
+    argv = tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--method", "direct", "--gradient-checkpointing")
     argv[argv.index("--scaling-factor") : argv.index("--scaling-factor") + 2] = ["--context-length", "1024"]
     assert main(argv) == 0
     config = json.loads((out / "checkpoint-000001" / "config.json").read_text())
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
     assert config["max_position_embeddings"] == 1024
+    assert {k: config["pieval"][k] for k in ("method", "base_window", "factor", "context_length", "steps")} == {
+        "method": "direct", "base_window": 256, "factor": 4.0, "context_length": 1024, "steps": 1,
+    }  # fmt: skip
+    capsys.readouterr()
+    assert main(["info", str(out / "checkpoint-000001"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["base_window"], info["factor"], info["context_length"]) == (256, 1.0, 1024)
+    assert main(["info", str(out / "checkpoint-000001")]) == 0
+    assert f"directly to L'=1024, 1 steps from {tiny_llama_dir}" in capsys.readouterr().out
+
+
+def test_leaderboard_rows_outlive_the_checkpoints(ref_model_dir, heldout_dir, tmp_path):
+    """Fine-tune the reference model (L = 256 -> 1024) with PI and directly, evaluating as it trains;
+    the leaderboard built from the run directories is byte-identical once the checkpoints are gone."""
+    import shutil
+
+    metadata = json.dumps({"data_path": str(heldout_dir), "max_docs": 1, "max_doc_tokens": 1024, "windows": [1024]})
+    runs = []
+    for method in ("pi", "direct"):
+        out = tmp_path / method
+        argv = tiny_args(ref_model_dir, out, "--method", method, "--max-steps", "2", "--save-every", "2",
+                         "--global-batch", "2", "--eval-tasks", "local_ppl", "--eval-metadata", metadata)  # fmt: skip
+        assert main(argv) == 0
+        runs.append(str(out))
+    assert main(["leaderboard", *runs, "--out", str(tmp_path / "before"), "--no-reference"]) == 0
+    rows = (tmp_path / "before" / "ppl_local.csv").read_text().splitlines()
+    got = sorted(tuple(r.split(",")[2:7]) for r in rows[1:])
+    base = str(ref_model_dir)
+    assert got == sorted([
+        (base, "PI", "256", "1024", "0"), (base, "PI", "256", "1024", "2"),
+        (base, "base", "256", "1024", "0"), (base, "FT", "256", "1024", "2"),
+    ])  # fmt: skip
+    for run in runs:
+        for checkpoint in Path(run).glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        (Path(run) / "final").unlink()
+    assert main(["leaderboard", *runs, "--out", str(tmp_path / "after"), "--no-reference"]) == 0
+    before = sorted(p.name for p in (tmp_path / "before").glob("*.csv"))
+    assert before == sorted(p.name for p in (tmp_path / "after").glob("*.csv")) and "ppl_local.csv" in before
+    for name in before:
+        assert (tmp_path / "after" / name).read_bytes() == (tmp_path / "before" / name).read_bytes(), name
 
 
 def test_activation_checkpointing_on_old_and_new_transformers_names(tiny_llama_dir):

@@ -32,6 +32,10 @@ def checkpoints(tmp_path_factory):
     rope.apply(config, rope.resolve(config, scaling_factor=2.5))
     config.save_pretrained(root / "pi")
     GPT2Config(n_layer=1).save_pretrained(root / "gpt2")
+    # as `pieval finetune --method direct --context-length 1024` saves it (pieval.facts)
+    direct = LlamaConfig(max_position_embeddings=1024, hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    direct.pieval = {"method": "direct", "base_window": 256, "factor": 4.0, "context_length": 1024, "steps": 200, "base_model": "base"}
+    direct.save_pretrained(root / "direct")
     return root
 
 
@@ -76,3 +80,18 @@ def test_non_rope_checkpoint_is_a_one_line_error(checkpoints, capsys):
     assert main(["info", str(checkpoints / "gpt2")]) == 2
     out = capsys.readouterr()
     assert "model_type='gpt2') has no rotary position embedding" in one_line_error(out.out, out.err)
+
+
+NO_TORCH = "import sys; from pieval.cli import main; main(['info', sys.argv[1]]); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+
+
+def test_directly_finetuned_checkpoint_without_importing_torch(checkpoints):
+    """L is the recorded base window (256), not the window it was fine-tuned at (1024)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(checkpoints / "direct")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    *table, imported = done.stdout.splitlines()
+    assert imported == "[]"
+    rows = {k.strip(): v.strip() for k, v in (line.split("  ", 1) for line in table)}
+    assert (rows["base window L"], rows["factor s"], rows["window L'"]) == ("256", "1", "1024")
+    assert rows["fine-tuned"] == "directly to L'=1024, 200 steps from base"

@@ -52,12 +52,12 @@ def test_rows_hold_the_results_json_values(written):
             assert float(row[w]) == pytest.approx(data["results"]["local_ppl"][f"token_ppl_{w},none"], abs=5e-5)
         assert row.torch_version == "2.13.0+cpu" and row.lm_eval_version == "0.4.13" and row.stride == "256"
     by_method = {(r.method, r.steps): r for _, r in measured.iterrows()}
-    assert set(by_method) == {("none", "0"), ("PI", "0"), ("PI", "100"), ("PI", "200"), ("FT", "200")}
+    assert set(by_method) == {("base", "0"), ("PI", "0"), ("PI", "100"), ("PI", "200"), ("FT", "200")}
     assert (by_method["FT", "200"].L, by_method["FT", "200"]["L'"]) == ("256", "1024")  # L from the fine-tune record
     assert by_method["PI", "200"].base_model == "models/kjv-llama-tiny"
 
     ow = pd.read_csv(written / "original_window.csv", dtype=str, keep_default_na=False)
-    base = ow[(ow.source == "measured") & (ow.method == "none")].iloc[0]
+    base = ow[(ow.source == "measured") & (ow.method == "base")].iloc[0]
     assert (base.boolq, base.race_h, base.race_m) == ("62.1400", "30.1200", "")  # lm-eval's race is RACE-high
     assert "boolq=aps/super_glue:boolq" in base.dataset  # per-task provenance kept when tasks differ
     gov = pd.read_csv(written / "govreport.csv", dtype=str, keep_default_na=False)
@@ -165,11 +165,12 @@ def _rf(**pieval_overrides) -> ResultsFile:
     "overrides, method",
     [
         ({}, "PI"),
-        ({"rope_method": "none"}, "PI"),  # an extended checkpoint loaded as saved is still PI
+        ({"rope_method": "as_saved"}, "PI"),  # an extended checkpoint loaded as saved is still PI
+        ({"rope_method": "none"}, "PI"),  # as_saved's old name, in results written before the rename
         ({"rope_method": "yarn", "rope_type": "yarn"}, "yarn"),
         ({"rope_method": "ntk", "rope_type": "dynamic"}, "ntk"),
-        ({"rope_method": "none", "rope_type": "default", "factor": 1.0}, "none"),
-        ({"rope_method": "none", "rope_type": "default", "factor": 1.0, "finetune": {"step": 50, "method": "none"}}, "FT"),
+        ({"rope_method": "as_saved", "rope_type": "default", "factor": 1.0}, "base"),
+        ({"rope_method": "as_saved", "rope_type": "default", "factor": 1.0, "finetune": {"steps": 50, "method": "direct"}}, "FT"),
     ],
 )
 def test_method_labels(overrides, method):
@@ -213,17 +214,17 @@ def test_plots_without_a_display(written, tmp_path):
 
 
 def test_ft_lines_start_from_the_unmodified_model():
-    """The FT run's step 0 is the unmodified model (method "none"); its line must start there."""
+    """The FT run's step 0 is the unmodified model (method "base"); its line must start there."""
     from pieval.leaderboard import plots
 
     rows = pd.DataFrame(
-        [("m", "none", 256, 0, 256, 256), ("m", "none", 1024, 0, 1024, 0), ("m", "FT", 1024, 500, 1024, 608),
+        [("m", "base", 256, 0, 256, 256), ("m", "base", 1024, 0, 1024, 0), ("m", "FT", 1024, 500, 1024, 608),
          ("m", "PI", 1024, 0, 1024, 0), ("m", "PI", 1024, 500, 1024, 96)],
         columns=["base_model", "method", "L'", "steps", "length", "k_max"],
     )  # fmt: skip
     got = plots._with_ft_start(rows, ["base_model", "method", "length"])
     lines = {k: sorted(g["steps"]) for k, g in got.groupby(["method", "L'"])}
-    assert lines == {("FT", 1024): [0, 500], ("PI", 1024): [0, 500], ("none", 256): [0]}
+    assert lines == {("FT", 1024): [0, 500], ("PI", 1024): [0, 500], ("base", 256): [0]}
 
 
 def test_cli_plots_flag(tmp_path):
@@ -254,7 +255,7 @@ def test_claims_fail_and_missing_are_reported(written, tmp_path):
     pk.loc[(pk.source == "measured") & (pk.method == "FT"), "k_max"] = "1024"
     pk.to_csv(tmp_path / "lb" / "passkey.csv", index=False)
     ppl = pd.read_csv(tmp_path / "lb" / "ppl_local.csv", dtype=str, keep_default_na=False)
-    ppl.loc[(ppl.source == "measured") & (ppl.method == "none"), "512"] = "12.0"
+    ppl.loc[(ppl.source == "measured") & (ppl.method == "base"), "512"] = "12.0"
     ppl.to_csv(tmp_path / "lb" / "ppl_local.csv", index=False)
     by = {c.number: c for c in claims.check(tmp_path / "lb", 256, 1024)}
     assert by["1"].status == claims.FAIL and "(x1.2;" in by["1"].measured
@@ -287,24 +288,22 @@ def test_a_real_stock_cli_run(tmp_path):
     assert {p.name for p in plots.draw(board, tmp_path)} >= {"passkey_heatmap_1024.png", "ppl_vs_window_local.svg"}
 
 
-def test_finetune_step_from_a_pieval_finetune_run_dir(tmp_path):
-    """Without a fine-tune record in the results JSON, the run directory's checkpoint gives it."""
+def test_rows_come_from_the_results_json_alone(tmp_path):
+    """A checkpoint folder beside the results is never read: the results JSON's fine-tune facts
+    (copied by pi_llama from the checkpoint's config.json) are the only record."""
     src = sorted((GOOD / "finetune-ft").rglob("results_*.json"))[0]
     data = json.loads(src.read_text())
-    del data["config"]["pieval"]["finetune"]
-    data["config"]["pieval"]["pretrained"] = "/elsewhere/ft-1024/checkpoint-000200"  # moved since
     run = tmp_path / "ft-1024"
     (run / "eval" / "checkpoint-000200").mkdir(parents=True)
     (run / "eval" / "checkpoint-000200" / src.name).write_text(json.dumps(data))
     (run / "checkpoint-000200").mkdir()
-    (run / "checkpoint-000200" / "trainer_state.json").write_text(json.dumps(
-        {"step": 200, "rope": {"method": "none", "factor": 1.0, "base_window": 256, "context_length": 1024}}))
-    (run / "checkpoint-000200" / "finetune_config.json").write_text(json.dumps({"model": "models/kjv-llama-tiny", "method": "none"}))
+    (run / "checkpoint-000200" / "trainer_state.json").write_text(json.dumps({"step": 999}))
     (row,) = build.build([run], with_reference=False).tables["ppl_local"].to_dict("records")
     assert (row["method"], row["steps"], row["L"], row["L'"], row["base_model"]) == ("FT", 200, 256, 1024, "models/kjv-llama-tiny")
-    (run / "checkpoint-000200" / "trainer_state.json").unlink()  # no record anywhere: a plain model
+    del data["config"]["pieval"]["finetune"]  # results of a model pieval did not fine-tune
+    (run / "eval" / "checkpoint-000200" / src.name).write_text(json.dumps(data))
     (row,) = build.build([run], with_reference=False).tables["ppl_local"].to_dict("records")
-    assert (row["method"], row["steps"], row["L"]) == ("none", 0, 1024)
+    assert (row["method"], row["steps"], row["L"]) == ("base", 0, 256)
 
 
 @pytest.mark.parametrize(
@@ -388,7 +387,7 @@ def test_a_new_table_is_one_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "TABLES", (*tables.TABLES, arc))
     assert main(["leaderboard", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
     (row,) = pd.read_csv(tmp_path / "lb" / "arc.csv", dtype=str, keep_default_na=False).to_dict("records")
-    assert (row["source"], row["method"], row["arc_easy"], row["dataset"]) == ("measured", "none", "50.0000", "allenai/ai2_arc:ARC-Easy")
+    assert (row["source"], row["method"], row["arc_easy"], row["dataset"]) == ("measured", "base", "50.0000", "allenai/ai2_arc:ARC-Easy")
     assert row["results_file"] == f"runs/m/{src.name}"
 
 

@@ -45,7 +45,7 @@ def test_pg19_table():
     assert len(ref) == len(rows)
     for size, what, cells in rows:
         method, _, window = what.replace("FT to", "FT").partition(" ")
-        method, window = ("none", "2048") if method == "base" else (method, window)
+        method, window = ("base", "2048") if method == "base" else (method, window)
         row = ref[(ref.model == f"LLaMA-{size}B") & (ref.method == method) & (ref["L'"] == window)]
         assert len(row) == 1, (size, what)
         for w, cell in zip(("2048", "4096", "8192", "16384", "32768"), cells.split("|")):
@@ -56,7 +56,7 @@ def test_proofpile():
     text = _section("Proof-pile perplexity:", "PG-19 perplexity at the target window")
     ref = _ref("ppl_proofpile.csv")
     assert re.search(r"7B base ([\d.]+) @2048", text).group(1) == "2.77"
-    base = ref[ref.method == "none"].iloc[0]
+    base = ref[ref.method == "base"].iloc[0]
     assert base["2048"] == "2.7700" and base["4096"] == ""
     for method, window in (("PI", "32768"), ("FT", "8192")):
         values = re.search(rf"7B {method} {window}: ([\d. /]+)", text).group(1).strip(" .").split(" / ")
@@ -96,7 +96,7 @@ def test_original_window():
     found = re.findall(r"7B (base|PI \d+)\s+([\d./]+)", text)
     assert len(found) == len(ref) == 3
     for what, values in found:
-        method, window = ("none", "2048") if what == "base" else what.split(" ")
+        method, window = ("base", "2048") if what == "base" else what.split(" ")
         row = ref[(ref.method == method) & (ref["L'"] == window)].iloc[0]
         assert [row[c] for c in ("boolq", "piqa", "race_m", "race_h", "winogrande")] == [_value(v) for v in values.strip(";").split("/")]
 

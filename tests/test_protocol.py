@@ -29,6 +29,6 @@ def test_perplexity_task_configs_follow_the_protocol():
 
 def test_reference_data_and_leaderboard_columns_follow_the_protocol():
     ref = yaml.safe_load((Path(tables.__file__).parent / "paper_reference.yaml").read_text())
-    assert ref["steps"] == {"none": 0, "PI": protocol.FINETUNE_STEPS, "FT": protocol.DIRECT_FT_STEPS}
+    assert ref["steps"] == {"base": 0, "PI": protocol.FINETUNE_STEPS, "FT": protocol.DIRECT_FT_STEPS}
     assert set(tables.ORIGINAL_WINDOW_TASK_COLUMN) == set(protocol.ORIGINAL_WINDOW_TASKS)
     assert set(tables.ORIGINAL_WINDOW_TASK_COLUMN.values()) <= set(tables.ORIGINAL_WINDOW_COLUMNS)

@@ -47,7 +47,7 @@ def test_pi_llama_without_a_factor_is_lm_evals_hf_model_bit_for_bit(real_model_d
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs_from(ruth, 16))]
     hf = HFLM(pretrained=str(real_model_dir), device="cpu", dtype="float32", batch_size=4)
     assert pi_model.loglikelihood(requests) == hf.loglikelihood(requests)
-    assert (pi_model.rope.method, pi_model.max_length) == ("none", L)
+    assert (pi_model.rope.method, pi_model.max_length) == ("as_saved", L)
 
 
 def test_pi_2x_runs_all_30_layers_at_positions_m_over_2(real_model_dir, ruth):

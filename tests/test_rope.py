@@ -169,7 +169,7 @@ def test_ntk_is_plain_rope_with_the_ntk_aware_base(s):
 
 def test_base_checkpoint_without_arguments_runs_as_saved():
     spec = rope.resolve(llama_config())
-    assert spec == rope.RopeSpec("none", 1.0, L, L, THETA)
+    assert spec == rope.RopeSpec(rope.AS_SAVED, 1.0, L, L, THETA)
     config = llama_config()
     rope.apply(config, spec)
     assert config.to_dict() == llama_config().to_dict()
@@ -189,7 +189,7 @@ def test_factor_and_context_length_are_relative_to_base_window():
 def test_already_extended_checkpoint():
     extended = llama_config(4 * L, rope_type="linear", factor=4.0)
     assert rope.base_window(extended) == L
-    assert rope.resolve(extended) == rope.RopeSpec("none", 4.0, L, 4 * L, THETA)
+    assert rope.resolve(extended) == rope.RopeSpec(rope.AS_SAVED, 4.0, L, 4 * L, THETA)
     same = llama_config(4 * L, rope_type="linear", factor=4.0)
     rope.apply(same, rope.resolve(same, scaling_factor=4))
     assert same.to_dict() == extended.to_dict()  # asking for the saved factor changes nothing
@@ -203,7 +203,58 @@ def test_base_window_of_yarn_and_dynamic_checkpoints():
     yarn = llama_config(4 * L, rope_type="yarn", factor=4.0, original_max_position_embeddings=L)
     assert (rope.base_window(yarn), rope.saved_factor(yarn)) == (L, 4.0)
     dynamic = llama_config(L, rope_type="dynamic", factor=2.0)
-    assert rope.resolve(dynamic) == rope.RopeSpec("none", 2.0, L, 2 * L, THETA)
+    assert rope.resolve(dynamic) == rope.RopeSpec(rope.AS_SAVED, 2.0, L, 2 * L, THETA)
+
+
+def test_rope_method_none_is_the_old_name_of_as_saved():
+    assert rope.resolve(llama_config(), rope_method="none") == rope.resolve(llama_config(), rope_method="as_saved")
+    assert rope.resolve(llama_config(), rope_method="None").method == rope.AS_SAVED
+
+
+@pytest.mark.parametrize("method", sorted(rope.METHODS))
+def test_each_method_builds_the_rope_type_its_entry_names(method):
+    config = llama_config()
+    spec = rope.resolve(config, scaling_factor=2, rope_method=method)
+    rope.apply(config, spec)
+    entry = rope.METHODS[method]
+    assert config.rope_parameters["rope_type"] == entry.rope_type
+    assert entry.label and entry.help
+    assert rope.base_window(config) == L  # every method keeps L readable from what it saves
+
+
+def direct_checkpoint(tmp_path, steps: int = 200):
+    """What `pieval finetune --method direct --context-length 1024` saves from an L = 256 model."""
+    config = llama_config(4 * L)
+    config.pieval = {"method": "direct", "base_window": L, "factor": 4.0, "context_length": 4 * L, "steps": steps}
+    config.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_direct_finetuned_checkpoint_keeps_its_base_window(tmp_path):
+    """As saved it runs at L' = 1024 with unscaled positions; a factor stays relative to L = 256."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(direct_checkpoint(tmp_path))
+    assert rope.base_window(config) == L
+    assert rope.resolve(config) == rope.RopeSpec(rope.AS_SAVED, 1.0, L, 4 * L, THETA)
+    assert rope.resolve(config, scaling_factor=4) == rope.RopeSpec("pi", 4.0, L, 4 * L, THETA)
+    assert rope.resolve(config, context_length=8 * L).factor == 8.0
+    spec = rope.resolve(config, scaling_factor=2)
+    rope.apply(config, spec)
+    assert config.rope_parameters["factor"] == 2.0 and config.max_position_embeddings == 2 * L
+
+
+def test_linear_rope_would_warn_about_original_max_position_embeddings(caplog):
+    """Why L lives in the checkpoint's own "pieval" key (pieval.facts), not in rope_parameters."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            llama_config(4 * L, rope_type="linear", factor=4.0, original_max_position_embeddings=L)
+    finally:
+        hf_logging.disable_propagation()
+    assert "Unrecognized keys in `rope_parameters` for 'rope_type'='linear'" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -220,7 +271,8 @@ def test_base_window_of_yarn_and_dynamic_checkpoints():
         ({"context_length": 1000.5}, "context_length must be a whole number of tokens (got 1000.5)"),
         ({"scaling_factor": 4, "context_length": 2048}, "scaling_factor=4 and context_length=2048 disagree"),
         ({"rope_method": "yarn"}, "rope_method=yarn needs scaling_factor=S or context_length=N"),
-        ({"rope_method": "none", "scaling_factor": 2}, "rope_method=none keeps the checkpoint as saved"),
+        ({"rope_method": "as_saved", "scaling_factor": 2}, "rope_method=as_saved keeps the checkpoint as saved"),
+        ({"rope_method": "none", "scaling_factor": 2}, "rope_method=as_saved keeps the checkpoint as saved"),
     ],
 )
 def test_bad_requests_are_one_line_user_errors(kwargs, needle):

@@ -5,10 +5,12 @@ Layout of ``--output DIR``::
     run.json                    the run's settings; a different run here is refused
     metrics.jsonl               one line per optimizer step: loss, lr, tokens/s
     checkpoint-000200/          a plain Hugging Face checkpoint (the product) ...
-        config.json             ... rope_parameters {rope_type: linear, factor, rope_theta}, max_position_embeddings = L'
+        config.json             ... rope_parameters {rope_type: linear, factor, rope_theta}, max_position_embeddings = L',
+                                and under "pieval" how it was made (method, L, steps, base model, data, seed:
+                                `pieval.facts`), the one record every reader of the checkpoint uses
         model.safetensors, tokenizer files
         finetune_config.json    the resolved settings (hyper-parameters beside the weights)
-        trainer_state.json      step, data position, tokens seen, last loss and lr
+        trainer_state.json      what resume needs: step, data position, tokens seen, last loss and lr
         training_state/         accelerate's save_state: weights in fp32, optimizer, scheduler, RNG
     final -> checkpoint-001000  link to the last checkpoint
     eval/                       see pieval.finetune.evaluate
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -30,8 +33,10 @@ from pathlib import Path
 
 import torch
 
-from pieval import atomic
+from pieval import atomic, facts
 from pieval.errors import UserError
+from pieval.facts import FinetuneFacts
+from pieval.finetune.config import renamed
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -71,8 +76,8 @@ def prepare_run_dir(output: Path, identity: dict, settings: dict, resume: bool, 
         existing = None
     if overwrite:
         _clear_run(output)
-    elif existing is not None and existing.get("identity") != identity:
-        old = existing.get("identity", {})
+    elif existing is not None and renamed(existing.get("identity", {})) != identity:
+        old = renamed(existing.get("identity", {}))
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         shown = ", ".join(f"{k}: {old.get(k)!r} there vs {identity.get(k)!r} now" for k in diff)
         raise RunDirError(
@@ -128,9 +133,13 @@ def _shared_tmp_dir(accelerator, path: Path) -> Iterator[Path]:
 
 
 def save_checkpoint(
-    accelerator, model, tokenizer, output: Path, step: int, settings: dict, trainer_state: dict, save_dtype: torch.dtype
+    accelerator, model, tokenizer, output: Path, step: int, settings: dict, trainer_state: dict,
+    made: FinetuneFacts, save_dtype: torch.dtype,
 ) -> Path:
-    """Write checkpoint-<step>: HF weights + tokenizer + settings, and the state to resume from."""
+    """Write checkpoint-<step>: HF weights + tokenizer + settings, and the state to resume from.
+
+    ``made`` goes into config.json under `pieval.facts.CONFIG_KEY`.
+    """
     path = checkpoint_dir(output, step)
     with _shared_tmp_dir(accelerator, path) as tmp:
         accelerator.save_state(str(tmp / TRAINING_STATE))
@@ -147,6 +156,7 @@ def save_checkpoint(
             state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
             train_dtype = hf_model.config.dtype
             hf_model.config.dtype = save_dtype
+            setattr(hf_model.config, facts.CONFIG_KEY, made.to_dict())
             try:
                 hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             finally:
@@ -157,6 +167,27 @@ def save_checkpoint(
     if accelerator.is_main_process:
         _link_final(output, path)
     return path
+
+
+def weights_sha(source) -> str | None:
+    """sha256 over a local base model's weight files (name and bytes, in name order); None for a hub id.
+
+    Identifies the base model a checkpoint was made from when it has no hub revision.
+    """
+    root = Path(source.pretrained).expanduser()
+    if source.gguf_file is not None:
+        files = [root / source.gguf_file]
+    elif root.is_dir():
+        files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    else:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest() if files else None
 
 
 def _is_peft(model) -> bool:

@@ -1,4 +1,5 @@
-"""`pieval finetune`: options generated from `FinetuneConfig`, so the CLI and config files agree.
+"""`pieval finetune`: options generated from `FinetuneConfig`, so the CLI and config files agree
+(grouped in --help as the settings are grouped there).
 
 Precedence: the dataclass defaults (the paper's recipe) < ``--config FILE`` (YAML or JSON) <
 options on the command line. Example (the CPU demo, models/recipes/kjv_tiny_cpu.yaml)::
@@ -20,16 +21,20 @@ _FLAG_NAMES = {"scaling_factor": ["--scaling-factor", "-s"]}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of settings (command-line options override it)")
     hints = typing.get_type_hints(FinetuneConfig)
+    groups = {}  # one --help heading per settings group
     for f in dataclasses.fields(FinetuneConfig):
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
         flags = _FLAG_NAMES.get(f.name, [f"--{f.name.replace('_', '-')}"])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_ = f"{f.metadata['help']} (default: {_show(default)})"
         if hints[f.name] is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+            groups[group].add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
             # Values stay strings here; FinetuneConfig.build coerces them with the file's values.
             metavar = "{" + ",".join(f.metadata["choices"]) + "}" if "choices" in f.metadata else _metavar(hints[f.name])
-            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=help_)
+            groups[group].add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=help_)
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:

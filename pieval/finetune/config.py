@@ -2,6 +2,8 @@
 
 Defaults are the paper's recipe (`pieval.protocol`, Sec. 3.1). The command line is generated
 from the fields (each field's ``help`` metadata), so a setting exists once: in this file.
+Each field also says its group (a --help heading; flags and YAML keys stay flat) and whether
+it is ``runtime``: free to change when a run is resumed, and so not part of the run's identity.
 `validate` collects every invalid setting into one `ConfigError`, as litgpt's
 ``validate_args`` does, so a user fixes a config in one round trip.
 """
@@ -9,7 +11,9 @@ from the fields (each field's ``help`` metadata), so a setting exists once: in t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import math
 import types
 import typing
@@ -25,75 +29,86 @@ from pieval.errors import UserError
 # (plain jsonl.zst files, so `datasets` streams it without a loading script).
 DEFAULT_HUB_DATA = "monology/pile-uncopyrighted"
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(UserError):
     """One or more invalid settings; the message lists each with its fix."""
 
 
-def _opt(default, help: str, **kw):
+def _opt(default, help: str, runtime: bool = False, **kw):
+    """A setting: its default, its --help line, and whether it is ``runtime`` (see `RUNTIME_FIELDS`)."""
+    metadata = {"help": help, "runtime": runtime, **kw}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# The settings' groups, in --help order (a group is a heading there; flags and YAML keys stay flat).
+_model = functools.partial(_opt, group="model and extension")
+_data = functools.partial(_opt, group="data")
+_train = functools.partial(_opt, group="optimisation (the paper's recipe, Sec. 3.1)")
+_lora = functools.partial(_opt, group="LoRA (peft; checkpoints hold the merged model)")
+_output = functools.partial(_opt, group="output, checkpoints, resume")
+_eval = functools.partial(_opt, group="evaluation as it trains")
+_logging = functools.partial(_opt, group="logging")
+
+# Values renamed since: still accepted, with a one-line warning, and read as the new one
+# (also in the run.json of a run made before, so resuming it finds the same run).
+_RENAMED = {"method": {"none": "direct"}}
 
 
 @dataclass
 class FinetuneConfig:
-    # --- what to fine-tune and how far to extend it
-    model: str | None = _opt(None, "base checkpoint: a local HF directory, a hub id, or a .gguf file (required)")
-    gguf_file: str | None = _opt(None, "a GGUF file inside --model's directory (loaded dequantized; checkpoints are plain safetensors)")
-    scaling_factor: float | None = _opt(None, "s = L'/L, relative to the checkpoint's trained window L")
-    context_length: int | None = _opt(None, "target window L' (alternative to --scaling-factor)")
-    method: str = _opt("pi", "pi: Position Interpolation; none: the paper's direct fine-tuning baseline (train at L', rope unchanged)", choices=("pi", "none"))
-    task: str = _opt("lm", "lm: next-token loss on packed documents; govreport: PI prompt + summary, loss on the summary only", choices=("lm", "govreport"))
-    trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you pass it)")
-    # --- data
-    data: str | None = _opt(None, f"local .txt/.jsonl/.parquet (.gz), directory of .txt, or a hub dataset id (default {DEFAULT_HUB_DATA}); for --task govreport a jsonl with document/summary fields (default: SCROLLS gov_report)")
-    data_config: str | None = _opt(None, "hub dataset configuration")
-    data_split: str = _opt("train", "hub dataset split")
-    data_revision: str | None = _opt(None, "hub dataset revision (commit or tag) for a reproducible stream")
-    text_field: str = _opt("text", "jsonl/parquet/hub field holding the text (--task lm)")
-    shuffle_buffer: int = _opt(10_000, "documents held for the seeded streaming shuffle (1 = file order)")
-    # --- the paper's optimisation recipe (Sec. 3.1)
-    max_steps: int = _opt(protocol.FINETUNE_STEPS, "optimizer steps")
-    global_batch: int = _opt(protocol.FINETUNE_GLOBAL_BATCH, "sequences per optimizer step, over all processes")
-    micro_batch: int = _opt(1, "sequences per forward pass per process (the rest is gradient accumulation)")
-    lr: float = _opt(protocol.FINETUNE_LR, "peak learning rate")
-    warmup_steps: int = _opt(protocol.FINETUNE_WARMUP_STEPS, "linear warm-up steps")
-    warmup_start: float = _opt(protocol.FINETUNE_WARMUP_START, "warm-up starts at this fraction of the peak lr")
-    betas: list[float] = _opt(list(protocol.FINETUNE_BETAS), "AdamW betas, e.g. 0.9,0.95")
-    weight_decay: float = _opt(protocol.FINETUNE_WEIGHT_DECAY, "AdamW weight decay")
+    model: str | None = _model(None, "base checkpoint: a local HF directory, a hub id, or a .gguf file (required)")
+    gguf_file: str | None = _model(None, "a GGUF file inside --model's directory (loaded dequantized; checkpoints are plain safetensors)")
+    scaling_factor: float | None = _model(None, "s = L'/L, relative to the checkpoint's trained window L")
+    context_length: int | None = _model(None, "target window L' (alternative to --scaling-factor)")
+    method: str = _model("pi", "pi: Position Interpolation; direct: the paper's direct fine-tuning baseline (train at L', rope unchanged; 'none' is its old name)", choices=("pi", "direct"))
+    task: str = _model("lm", "lm: next-token loss on packed documents; govreport: PI prompt + summary, loss on the summary only", choices=("lm", "govreport"))
+    trust_remote_code: bool = _model(False, "allow model code from the hub (off unless you pass it)")
+    data: str | None = _data(None, f"local .txt/.jsonl/.parquet (.gz), directory of .txt, or a hub dataset id (default {DEFAULT_HUB_DATA}); for --task govreport a jsonl with document/summary fields (default: SCROLLS gov_report)")
+    data_config: str | None = _data(None, "hub dataset configuration")
+    data_split: str = _data("train", "hub dataset split")
+    data_revision: str | None = _data(None, "hub dataset revision (commit or tag) for a reproducible stream")
+    text_field: str = _data("text", "jsonl/parquet/hub field holding the text (--task lm)")
+    shuffle_buffer: int = _data(10_000, "documents held for the seeded streaming shuffle (1 = file order)")
+    max_steps: int = _train(protocol.FINETUNE_STEPS, "optimizer steps", runtime=True)
+    global_batch: int = _train(protocol.FINETUNE_GLOBAL_BATCH, "sequences per optimizer step, over all processes")
+    micro_batch: int = _train(1, "sequences per forward pass per process (the rest is gradient accumulation)", runtime=True)
+    lr: float = _train(protocol.FINETUNE_LR, "peak learning rate")
+    warmup_steps: int = _train(protocol.FINETUNE_WARMUP_STEPS, "linear warm-up steps")
+    warmup_start: float = _train(protocol.FINETUNE_WARMUP_START, "warm-up starts at this fraction of the peak lr")
+    betas: list[float] = _train(list(protocol.FINETUNE_BETAS), "AdamW betas, e.g. 0.9,0.95")
+    weight_decay: float = _train(protocol.FINETUNE_WEIGHT_DECAY, "AdamW weight decay")
     # The paper does not state clipping; 1.0 is LLaMA's pre-training value. 0 disables it.
-    max_grad_norm: float = _opt(1.0, "gradient-norm clipping (0 = off)")
-    seed: int = _opt(0, "seed for data order and initialisation of anything random (LoRA)")
-    precision: str = _opt("auto", "auto (bf16 where the GPU has it, fp32 on CPU), bf16, fp16 or fp32", choices=("auto", "bf16", "fp16", "fp32"))
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
-    attn_implementation: str | None = _opt(None, "transformers attention kernel, e.g. sdpa or flash_attention_2")
-    # --- LoRA (peft); the merged model is what gets saved
-    lora: bool = _opt(False, "train LoRA adapters instead of all weights (checkpoints hold the merged model)")
-    lora_r: int = _opt(8, "LoRA rank")
-    lora_alpha: float = _opt(16.0, "LoRA alpha")
-    lora_dropout: float = _opt(0.0, "LoRA dropout")
-    lora_target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
-    # --- output, checkpoints, resume
-    output: str | None = _opt(None, "run directory (required)")
-    save_every: int = _opt(200, "save a checkpoint every N steps (and always at the end)")
-    keep_training_state: int = _opt(2, "keep optimizer/RNG state in only the newest N checkpoints (0 = all)")
-    resume: bool = _opt(False, "continue from the newest complete checkpoint in --output")
-    overwrite: bool = _opt(False, "replace a different run found in --output")
-    # --- evaluate as it trains
-    eval_tasks: list[str] = _opt([], "lm-eval tasks run on each evaluated checkpoint, e.g. passkey,pg19_ppl")
-    eval_every: int | None = _opt(None, "evaluate every N steps (default: every saved checkpoint); step 0 and the end are always evaluated")
-    eval_limit: float | None = _opt(None, "lm-eval --limit (documents per task) for quick runs")
-    eval_batch_size: int = _opt(1, "lm-eval batch size")
-    eval_metadata: dict = _opt({}, 'lm-eval --metadata for the tasks, JSON, e.g. {"data_path": "books/"}')
-    eval_include_path: str | None = _opt(None, "extra directory of lm-eval task YAMLs")
-    eval_log_samples: bool = _opt(False, "also write lm-eval's per-sample logs (as --log_samples); pieval leaderboard draws passkey heat maps from them")
+    max_grad_norm: float = _train(1.0, "gradient-norm clipping (0 = off)")
+    seed: int = _train(0, "seed for data order and initialisation of anything random (LoRA)")
+    precision: str = _train("auto", "auto (bf16 where the GPU has it, fp32 on CPU), bf16, fp16 or fp32", choices=("auto", "bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = _train(False, "recompute activations in the backward pass (less memory, ~30%% slower)", runtime=True)
+    attn_implementation: str | None = _train(None, "transformers attention kernel, e.g. sdpa or flash_attention_2", runtime=True)
+    lora: bool = _lora(False, "train LoRA adapters instead of all weights (checkpoints hold the merged model)")
+    lora_r: int = _lora(8, "LoRA rank")
+    lora_alpha: float = _lora(16.0, "LoRA alpha")
+    lora_dropout: float = _lora(0.0, "LoRA dropout")
+    lora_target_modules: list[str] = _lora(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
+    output: str | None = _output(None, "run directory (required)", runtime=True)
+    save_every: int = _output(200, "save a checkpoint every N steps (and always at the end)", runtime=True)
+    keep_training_state: int = _output(2, "keep optimizer/RNG state in only the newest N checkpoints (0 = all)", runtime=True)
+    resume: bool = _output(False, "continue from the newest complete checkpoint in --output", runtime=True)
+    overwrite: bool = _output(False, "replace a different run found in --output", runtime=True)
+    eval_tasks: list[str] = _eval([], "lm-eval tasks run on each evaluated checkpoint, e.g. passkey,pg19_ppl", runtime=True)
+    eval_every: int | None = _eval(None, "evaluate every N steps (default: every saved checkpoint); step 0 and the end are always evaluated", runtime=True)
+    eval_limit: float | None = _eval(None, "lm-eval --limit (documents per task) for quick runs", runtime=True)
+    eval_batch_size: int = _eval(1, "lm-eval batch size", runtime=True)
+    eval_metadata: dict = _eval({}, 'lm-eval --metadata for the tasks, JSON, e.g. {"data_path": "books/"}', runtime=True)
+    eval_include_path: str | None = _eval(None, "extra directory of lm-eval task YAMLs", runtime=True)
+    eval_log_samples: bool = _eval(False, "also write lm-eval's per-sample logs (as --log_samples); pieval leaderboard draws passkey heat maps from them", runtime=True)
     # Multi-process runs: the other processes wait at a barrier while the main one evaluates, and
     # torch's default process-group timeout (10 min for NCCL) is shorter than a long-context evaluation.
-    barrier_timeout_min: int = _opt(180, "minutes processes may wait for each other (evaluations included)")
-    # --- logging
-    log_with: str | None = _opt(None, "also log to tensorboard or wandb (must be installed)", choices=("tensorboard", "wandb"))
-    progress: bool = _opt(True, "show a progress bar")
+    barrier_timeout_min: int = _eval(180, "minutes processes may wait for each other (evaluations included)", runtime=True)
+    log_with: str | None = _logging(None, "also log to tensorboard or wandb (must be installed)", choices=("tensorboard", "wandb"), runtime=True)
+    progress: bool = _logging(True, "show a progress bar", runtime=True)
 
     # ------------------------------------------------------------------ loading
 
@@ -122,6 +137,7 @@ class FinetuneConfig:
     def build(cls, settings: dict) -> FinetuneConfig:
         """Coerce values (strings from the CLI, numbers from YAML) to the field types, then validate."""
         errors, values = [], {}
+        settings = renamed(settings, log.warning)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in settings:
@@ -137,13 +153,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    # ------------------------------------------------------------------ derived
-
-    @property
-    def grad_accum(self) -> int:
-        """Micro-batches per optimizer step in a single process (`steps_per_process` for several)."""
-        return self.global_batch // self.micro_batch
 
     # ------------------------------------------------------------------ validation
 
@@ -191,20 +200,26 @@ class FinetuneConfig:
             raise ConfigError("invalid fine-tuning settings:\n  " + "\n  ".join(e))
 
 
-# Settings that may change when a run is resumed (extend it, evaluate more, log differently);
-# every other setting defines the run, and a different value means a different run.
-RUNTIME_FIELDS = frozenset(
-    {
-        "max_steps", "save_every", "keep_training_state", "resume", "overwrite", "micro_batch",
-        "gradient_checkpointing", "attn_implementation", "eval_tasks", "eval_every", "eval_limit",
-        "eval_batch_size", "eval_metadata", "eval_include_path", "eval_log_samples", "barrier_timeout_min", "log_with",
-        "progress", "output",
-    }
-)  # fmt: skip
+# Settings that may change when a run is resumed (extend it, evaluate more, log differently):
+# those marked runtime=True. Every other setting defines the run, and a different value means
+# a different run.
+RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata["runtime"])
 
 
 def run_identity(config: FinetuneConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def renamed(settings: dict, warn=None) -> dict:
+    """``settings`` with renamed values replaced by their current names; ``warn(line)`` for each."""
+    out = dict(settings)
+    for name, names in _RENAMED.items():
+        old = out.get(name)
+        if isinstance(old, str) and old in names:
+            out[name] = names[old]
+            if warn is not None:
+                warn(f"--{name.replace('_', '-')} {old} is deprecated: use --{name.replace('_', '-')} {names[old]}")
+    return out
 
 
 def _coerce(value, hint):

@@ -5,8 +5,13 @@
 2. Stream documents in a seeded order and pack them into sequences of exactly L' tokens.
 3. AdamW (0.9, 0.95), no weight decay, lr 2e-5 after a 20-step linear warm-up from 10%,
    64 sequences per step through gradient accumulation, bf16 on GPUs that have it.
-4. Every ``save_every`` steps and at the end, write a plain Hugging Face checkpoint (and the
-   state to resume from); optionally evaluate it with lm-eval tasks.
+4. Every ``save_every`` steps and at the end, write a plain Hugging Face checkpoint that
+   records how it was made (``pieval.facts``), and the state to resume from; optionally
+   evaluate it with lm-eval tasks.
+
+`Run` holds a run's state and reads in phases, as torchtune's recipes do: ``setup`` (run
+directory, model, optimizer, resume), ``catch_up`` (evaluations a killed run missed),
+``train`` (``train_step``, ``save``, ``evaluate``) and ``cleanup``.
 
 Devices, mixed precision, gradient accumulation and multi-GPU (DDP, FSDP, DeepSpeed through
 ``accelerate launch``) are accelerate's; this file holds no distribution code of its own.
@@ -24,9 +29,11 @@ from pathlib import Path
 
 import torch
 
+import pieval
 from pieval import gguf, loading, rope
 from pieval.documents import HubSource, iter_documents
 from pieval.errors import UserError
+from pieval.facts import FinetuneFacts
 from pieval.finetune import checkpoint as ckpt
 from pieval.finetune.config import DEFAULT_HUB_DATA, FinetuneConfig, run_identity
 from pieval.finetune.data import DataPosition, PackedSequences, SupervisedExamples, collate, predicted_tokens
@@ -82,7 +89,7 @@ def load_model(config: FinetuneConfig):
     spec = rope.resolve(hf_config, config.scaling_factor, config.context_length, "pi")
     if config.method == "pi":
         rope.apply(hf_config, spec)
-    else:  # direct fine-tuning: positions as trained, the window just gets longer
+    else:  # direct fine-tuning: positions as trained, the window just gets longer (L stays in the facts)
         hf_config.max_position_embeddings = spec.context_length
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of {config.model} has no EOS token, which separates packed documents")
@@ -116,6 +123,34 @@ def load_model(config: FinetuneConfig):
     return model, tokenizer, spec, save_dtype
 
 
+def finetune_facts(config: FinetuneConfig, spec: rope.RopeSpec, model_config, hash_weights: bool = True) -> FinetuneFacts:
+    """What every checkpoint of this run records about how it was made (`pieval.facts`), at step 0.
+
+    ``model_config`` is the built model's config: its ``_commit_hash`` is the base's hub revision.
+    """
+    source = loading.Source.of(config.model, config.gguf_file)
+    data = config.data
+    if data is None and config.task == "govreport":
+        from pieval.finetune.govreport import SCROLLS as data
+    elif data is None:
+        data = DEFAULT_HUB_DATA
+    return FinetuneFacts(
+        method=config.method,
+        base_window=spec.base_window,
+        factor=spec.factor,
+        context_length=spec.context_length,
+        steps=0,
+        base_model=config.model,
+        base_revision=getattr(model_config, "_commit_hash", None),
+        base_sha=ckpt.weights_sha(source) if hash_weights else None,
+        data=data,
+        data_revision=config.data_revision,
+        task=config.task,
+        seed=config.seed,
+        pieval_version=pieval.__version__,
+    )
+
+
 def training_examples(config: FinetuneConfig, tokenizer, length: int, position: DataPosition | None):
     """The run's infinite example stream, resumed at ``position``."""
     if config.task == "govreport":
@@ -144,170 +179,233 @@ def training_examples(config: FinetuneConfig, tokenizer, length: int, position: 
 
 def finetune(config: FinetuneConfig) -> Path:
     """Run (or resume) the recipe; return the final checkpoint directory."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+    run = Run.setup(config)
+    run.catch_up()
+    run.train()
+    return run.cleanup()
 
-    output = Path(config.output).expanduser()
-    # Honour `accelerate launch --cpu` (and ACCELERATE_USE_CPU=1 under torchrun): several CPU processes over gloo.
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
-    procs = PartialState(cpu=cpu, timeout=timedelta(minutes=config.barrier_timeout_min)).num_processes
-    if config.global_batch % (config.micro_batch * procs):
-        raise UserError(
-            f"global_batch {config.global_batch} is not a multiple of micro_batch {config.micro_batch} x "
-            f"{procs} processes; pick --micro-batch so that micro_batch * processes divides it"
+
+class Run:
+    """One fine-tuning run's state, read in phases: setup, catch_up, train, cleanup.
+
+    Every piece of state the phases share is an attribute here (no closures over
+    reassigned variables); ``step`` and ``tokens_seen`` advance in `train_step`.
+    """
+
+    # built by setup()
+    model: torch.nn.Module  # prepared by accelerate (DDP/FSDP/DeepSpeed wrapper, or the model)
+    tokenizer: object
+    spec: rope.RopeSpec
+    save_dtype: torch.dtype
+    facts: FinetuneFacts  # what each saved checkpoint records, at step 0
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    examples: PackedSequences | SupervisedExamples
+
+    def __init__(self, config: FinetuneConfig, accelerator, procs: int) -> None:
+        self.config, self.accelerator, self.procs = config, accelerator, procs
+        self.output = Path(config.output).expanduser()
+        self.per_process = config.global_batch // procs
+        self.accum = self.per_process // config.micro_batch  # micro-batches per optimizer step and process
+        self.settings = config.to_dict()
+        self.bar = None
+        self.step, self.tokens_seen, self.last = 0, 0, None
+        self.evaluator: Evaluator | None = None
+
+    # ------------------------------------------------------------ setup
+
+    @classmethod
+    def setup(cls, config: FinetuneConfig) -> Run:
+        """Run directory, model with the interpolation in place, optimizer, resumed state."""
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import parse_flag_from_env, set_seed
+
+        # Honour `accelerate launch --cpu` (and ACCELERATE_USE_CPU=1 under torchrun): several CPU processes over gloo.
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+        procs = PartialState(cpu=cpu, timeout=timedelta(minutes=config.barrier_timeout_min)).num_processes
+        if config.global_batch % (config.micro_batch * procs):
+            raise UserError(
+                f"global_batch {config.global_batch} is not a multiple of micro_batch {config.micro_batch} x "
+                f"{procs} processes; pick --micro-batch so that micro_batch * processes divides it"
+            )
+        accelerator = Accelerator(
+            cpu=cpu,
+            gradient_accumulation_steps=config.global_batch // (procs * config.micro_batch),
+            mixed_precision=_mixed_precision(config.precision),
+            log_with=_tracker(config.log_with),
+            project_dir=str(Path(config.output).expanduser() / "logs"),
         )
-    per_process = config.global_batch // procs
-    accum = per_process // config.micro_batch
-    accelerator = Accelerator(
-        cpu=cpu,
-        gradient_accumulation_steps=accum,
-        mixed_precision=_mixed_precision(config.precision),
-        log_with=_tracker(config.log_with),
-        project_dir=str(output / "logs"),
-    )
-    bar = None
-
-    def log(msg: str) -> None:
+        run = cls(config, accelerator, procs)
         if accelerator.is_main_process:
-            (bar.write if bar is not None else print)(msg)
+            ckpt.prepare_run_dir(run.output, run_identity(config), run.settings, config.resume, config.overwrite)
+        accelerator.wait_for_everyone()
+        set_seed(config.seed)
+        run._build_model()
+        run._build_optimizer()
+        run._resume()
+        if config.eval_tasks:
+            run.evaluator = Evaluator(
+                run.output, config.eval_tasks, str(accelerator.device), config.eval_batch_size,
+                config.eval_limit, config.eval_metadata, config.eval_include_path, config.eval_log_samples,
+            )  # fmt: skip
+        return run
 
-    # 1. run directory, model with the interpolation in place
-    settings = config.to_dict()
-    if accelerator.is_main_process:
-        ckpt.prepare_run_dir(output, run_identity(config), settings, config.resume, config.overwrite)
-    accelerator.wait_for_everyone()
-    set_seed(config.seed)
-    model, tokenizer, spec, save_dtype = load_model(config)
-    context_length = spec.context_length
-    log(
-        f"{config.method}: {config.model} L={spec.base_window} -> L'={context_length} (s={spec.factor:g}), "
-        f"{_count(model)} trainable parameters, {procs} process(es) x {accum} micro-batches of {config.micro_batch}"
-    )
+    def _build_model(self) -> None:
+        config = self.config
+        self.model, self.tokenizer, self.spec, self.save_dtype = load_model(config)
+        # Only the main process writes checkpoints, so only it reads the base weights to hash them.
+        self.facts = finetune_facts(config, self.spec, self.model.config, hash_weights=self.accelerator.is_main_process)
+        self.log(
+            f"{config.method}: {config.model} L={self.spec.base_window} -> L'={self.spec.context_length} "
+            f"(s={self.spec.factor:g}), {_count(self.model)} trainable parameters, {self.procs} process(es) x "
+            f"{self.accum} micro-batches of {config.micro_batch}"
+        )
 
-    # 2. optimizer and schedule. FSDP must shard the model before the optimizer sees its parameters;
-    # DeepSpeed builds its engine from both at once, and cannot infer the micro-batch without a DataLoader.
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.micro_batch
-        raw_optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
-        model, optimizer = accelerator.prepare(model, raw_optimizer)
-    else:
-        model = accelerator.prepare(model)
-        raw_optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
-        optimizer = accelerator.prepare(raw_optimizer)
-    # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
-    scheduler = build_scheduler(raw_optimizer, config)
-    accelerator.register_for_checkpointing(scheduler)
+    def _build_optimizer(self) -> None:
+        """FSDP must shard the model before the optimizer sees its parameters; DeepSpeed builds its
+        engine from both at once, and cannot infer the micro-batch without a DataLoader."""
+        from accelerate.utils import DistributedType
 
-    # 3. resume: weights, optimizer, schedule, RNG and data position of the newest good checkpoint
-    state = ckpt.load_newest(accelerator, output, log) if config.resume else None
-    step = state["step"] if state else 0
-    tokens_seen = state["tokens_seen"] if state else 0
-    position = DataPosition.from_dict(state["data_position"]) if state else None
-    if accelerator.is_main_process:
-        ckpt.rewrite_metrics(output, ckpt.read_metrics(output, step))
-    examples = training_examples(config, tokenizer, context_length, position)
+        accelerator, config = self.accelerator, self.config
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.micro_batch
+            raw_optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], config)
+            self.model, self.optimizer = accelerator.prepare(self.model, raw_optimizer)
+        else:
+            self.model = accelerator.prepare(self.model)
+            raw_optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], config)
+            self.optimizer = accelerator.prepare(raw_optimizer)
+        # Not prepared: a prepared scheduler steps once per process; this one steps once per optimizer step.
+        self.scheduler = build_scheduler(raw_optimizer, config)
+        accelerator.register_for_checkpointing(self.scheduler)
 
-    evaluator = None
-    if config.eval_tasks:
-        evaluator = Evaluator(
-            output, config.eval_tasks, str(accelerator.device), config.eval_batch_size,
-            config.eval_limit, config.eval_metadata, config.eval_include_path, config.eval_log_samples,
-        )  # fmt: skip
-    eval_every = config.eval_every or config.save_every
+    def _resume(self) -> None:
+        """Weights, optimizer, schedule, RNG and data position of the newest good checkpoint."""
+        state = ckpt.load_newest(self.accelerator, self.output, self.log) if self.config.resume else None
+        if state:
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        position = DataPosition.from_dict(state["data_position"]) if state else None
+        if self.accelerator.is_main_process:
+            ckpt.rewrite_metrics(self.output, ckpt.read_metrics(self.output, self.step))
+        self.examples = training_examples(self.config, self.tokenizer, self.spec.context_length, position)
 
-    def eval_due(s: int) -> bool:
-        return evaluator is not None and (s == 0 or s % eval_every == 0 or s == config.max_steps)
+    # ------------------------------------------------------------ save and evaluate
 
-    def save(s: int, loss: float | None, lr: float | None) -> Path:
+    def log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def eval_due(self, step: int) -> bool:
+        every = self.config.eval_every or self.config.save_every
+        return self.evaluator is not None and (step == 0 or step % every == 0 or step == self.config.max_steps)
+
+    def save(self, loss: float | None, lr: float | None) -> Path:
         trainer_state = {
-            "step": s, "tokens_seen": tokens_seen, "loss": loss, "lr": lr,
-            "data_position": examples.position.to_dict(),
-            "rope": {"method": config.method, "factor": spec.factor, "base_window": spec.base_window,
-                     "context_length": context_length, "theta": spec.theta},
+            "step": self.step, "tokens_seen": self.tokens_seen, "loss": loss, "lr": lr,
+            "data_position": self.examples.position.to_dict(),
         }  # fmt: skip
-        path = ckpt.save_checkpoint(accelerator, model, tokenizer, output, s, settings, trainer_state, save_dtype)
-        if accelerator.is_main_process:
-            ckpt.prune_training_state(output, config.keep_training_state)
+        path = ckpt.save_checkpoint(
+            self.accelerator, self.model, self.tokenizer, self.output, self.step, self.settings, trainer_state,
+            self.facts.at_step(self.step), self.save_dtype,
+        )  # fmt: skip
+        if self.accelerator.is_main_process:
+            ckpt.prune_training_state(self.output, self.config.keep_training_state)
         return path
 
-    def evaluate(s: int, path: Path) -> None:
+    def evaluate(self, step: int, path: Path) -> None:
         # Every process takes part: with several, lm-eval's HFLM shards the requests over them (data
         # parallel) and gathers the results on the main process, which alone writes them.
-        row = evaluator.evaluate(path, s, tokens_seen)
-        if accelerator.is_main_process:
+        row = self.evaluator.evaluate(path, step, self.tokens_seen)
+        if self.accelerator.is_main_process:
             shown = "; ".join(
                 f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()) for t, m in row.get("metrics", {}).items()
             )
-            log(f"eval step {s}: {shown}")
-        accelerator.wait_for_everyone()
+            self.log(f"eval step {step}: {shown}")
+        self.accelerator.wait_for_everyone()
 
-    # Evaluations a killed run saved a checkpoint for but never ran.
-    if evaluator is not None:
-        done = evaluated_steps(output)
-        for s, path in ckpt.checkpoints(output):
-            if s <= step and eval_due(s) and s not in done:
-                evaluate(s, path)
-    if step == 0 and eval_due(0) and 0 not in evaluated_steps(output):
-        evaluate(0, save(0, None, None))  # the interpolated model before any training (the paper's step 0)
+    def catch_up(self) -> None:
+        """Evaluations a killed run saved a checkpoint for but never ran, and step 0 of a new run."""
+        if self.evaluator is None:
+            return
+        done = evaluated_steps(self.output)
+        for s, path in ckpt.checkpoints(self.output):
+            if s <= self.step and self.eval_due(s) and s not in done:
+                self.evaluate(s, path)
+        if self.step == 0 and 0 not in evaluated_steps(self.output):
+            self.evaluate(0, self.save(None, None))  # the interpolated model before any training (the paper's step 0)
 
-    # 4. the loop
-    from tqdm.auto import tqdm
+    # ------------------------------------------------------------ train
 
-    if config.log_with:
-        accelerator.init_trackers("pieval-finetune", config={k: str(v) for k, v in settings.items()})
-    bar = tqdm(total=config.max_steps, initial=step, disable=not (config.progress and accelerator.is_main_process), unit="step")
-    rank = accelerator.process_index
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    last = None
-    if step >= config.max_steps:
-        log(f"run already at step {step} (--max-steps {config.max_steps}): nothing to train")
-    while step < config.max_steps:
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        if config.log_with:
+            accelerator.init_trackers("pieval-finetune", config={k: str(v) for k, v in self.settings.items()})
+        show = config.progress and accelerator.is_main_process
+        self.bar = tqdm(total=config.max_steps, initial=self.step, disable=not show, unit="step")
+        if self.step >= config.max_steps:
+            self.log(f"run already at step {self.step} (--max-steps {config.max_steps}): nothing to train")
+        while self.step < config.max_steps:
+            loss, lr = self.train_step()
+            if self.step % config.save_every == 0 or self.step == config.max_steps or self.eval_due(self.step):
+                path = self.save(loss, lr)
+                if self.eval_due(self.step):
+                    self.evaluate(self.step, path)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step on the next global batch; log it; return (loss, lr)."""
+        config, accelerator = self.config, self.accelerator
         t0 = time.perf_counter()
-        batch = [next(examples) for _ in range(config.global_batch)]  # the same global batch on every process
-        mine = batch[rank * per_process : (rank + 1) * per_process]
+        batch = [next(self.examples) for _ in range(config.global_batch)]  # the same global batch on every process
+        rank = accelerator.process_index
+        mine = batch[rank * self.per_process : (rank + 1) * self.per_process]
         # Normalise by the global count of predicted tokens: accelerate divides by `accum`, DDP/FSDP average
         # over processes, so each micro-batch's summed NLL is scaled back up by both.
-        scale = accum * procs / predicted_tokens(batch)
-        lr = scheduler.get_last_lr()[0]
+        scale = self.accum * self.procs / predicted_tokens(batch)
+        lr = self.scheduler.get_last_lr()[0]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         micro_batches = [
-            collate(mine[i : i + config.micro_batch], pad_id) for i in range(0, per_process, config.micro_batch)
+            collate(mine[i : i + config.micro_batch], pad_id) for i in range(0, self.per_process, config.micro_batch)
         ]
         try:
-            nll = optimizer_step(accelerator, model, optimizer, micro_batches, scale, config.max_grad_norm)
+            nll = optimizer_step(accelerator, self.model, self.optimizer, micro_batches, scale, config.max_grad_norm)
         except torch.OutOfMemoryError:
             raise UserError(
-                f"out of memory on {accelerator.device} with micro-batches of {config.micro_batch} x {context_length} tokens: "
-                "pass --gradient-checkpointing, a smaller --micro-batch (the global batch stays "
-                f"{config.global_batch} through accumulation), or --lora"
+                f"out of memory on {accelerator.device} with micro-batches of {config.micro_batch} x "
+                f"{self.spec.context_length} tokens: pass --gradient-checkpointing, a smaller --micro-batch (the "
+                f"global batch stays {config.global_batch} through accumulation), or --lora"
             ) from None
-        scheduler.step()
-        step += 1
+        self.scheduler.step()
+        self.step += 1
         step_tokens = sum(len(e.input_ids) for e in batch)
-        tokens_seen += step_tokens
+        self.tokens_seen += step_tokens
         loss = (accelerator.reduce(nll, "sum") / predicted_tokens(batch)).item()
         if not math.isfinite(loss):
-            raise UserError(f"the loss is {loss} at step {step}: lower --lr or use --precision fp32/bf16 instead of fp16")
-        elapsed = time.perf_counter() - t0
-        last = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_seen, "tokens_per_s": round(step_tokens / elapsed, 1)}
+            raise UserError(f"the loss is {loss} at step {self.step}: lower --lr or use --precision fp32/bf16 instead of fp16")
+        tokens_per_s = round(step_tokens / (time.perf_counter() - t0), 1)
+        self.last = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s}
         if accelerator.is_main_process:
-            ckpt.append_metrics(output, last)
+            ckpt.append_metrics(self.output, self.last)
         if config.log_with:
-            accelerator.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": last["tokens_per_s"]}, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-        if step % config.save_every == 0 or step == config.max_steps or eval_due(step):
-            path = save(step, loss, lr)
-            if eval_due(step):
-                evaluate(step, path)
-    bar.close()
-    if config.log_with:
-        accelerator.end_training()
-    final = ckpt.checkpoint_dir(output, step)
-    if last is not None:
-        log(f"done: step {step}, loss {last['loss']:.4f}, final checkpoint {final}")
-    if evaluator is not None:
-        log(f"metrics per step: {output / 'eval' / 'table.csv'}")
-    return final
+            accelerator.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens_per_s}, step=self.step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        return loss, lr
+
+    # ------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> Path:
+        """Close the progress bar and trackers; return the final checkpoint."""
+        self.bar.close()
+        if self.config.log_with:
+            self.accelerator.end_training()
+        final = ckpt.checkpoint_dir(self.output, self.step)
+        if self.last is not None:
+            self.log(f"done: step {self.step}, loss {self.last['loss']:.4f}, final checkpoint {final}")
+        if self.evaluator is not None:
+            self.log(f"metrics per step: {self.output / 'eval' / 'table.csv'}")
+        return final
 
 
 def optimizer_step(accelerator, model, optimizer, micro_batches: list[dict], scale: float, max_grad_norm: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ METRIC_FORMAT = "{:.4f}"  # perplexity, accuracy %, ROUGE %, passkey success rat
 # Row order: measured before reference; per base model the paper's order of methods
 # (base, direct fine-tuning, PI, other rope methods), then windows and steps.
 _SOURCE_ORDER = {"measured": 0, "reference": 1}
-METHOD_ORDER = {"none": 0, "FT": 1, "PI": 2}
+METHOD_ORDER = {"base": 0, "FT": 1, "PI": 2}
 
 
 @dataclass

@@ -97,7 +97,7 @@ def _curve(row: pd.Series, windows: list[int]) -> str:
 def check(leaderboard_dir: str | Path, L: int, L_prime: int, dataset: str | None = None, thresholds: Thresholds = Thresholds()) -> list[Claim]:
     """Verdicts for the paper's claims, from ``ppl_<dataset>.csv`` and ``passkey.csv`` in ``leaderboard_dir``.
 
-    Rows used: the base model (method none, trained window L, not fine-tuned), PI to L' without
+    Rows used: the base model (method base, trained window L, not fine-tuned), PI to L' without
     fine-tuning (steps 0), PI to L' after the most fine-tuning steps, and direct fine-tuning (FT)
     to L' after the most steps; the newest run when a row was measured more than once.
     """
@@ -106,7 +106,7 @@ def check(leaderboard_dir: str | Path, L: int, L_prime: int, dataset: str | None
     t = thresholds
     windows = _windows(ppl)
     at_L = ppl[ppl["L"] == L]
-    base_rows = at_L[(at_L["method"] == "none") & (at_L["steps"] == 0)]
+    base_rows = at_L[(at_L["method"] == "base") & (at_L["steps"] == 0)]
     # the base checkpoint itself over a fine-tuning run's untrained step-0 copy of it
     base = _last(base_rows.assign(_own=base_rows["model"] == base_rows["base_model"]).sort_values("_own", kind="mergesort"))
     pi = at_L[(at_L["method"] == "PI") & (at_L["L'"] == L_prime)]
@@ -117,7 +117,7 @@ def check(leaderboard_dir: str | Path, L: int, L_prime: int, dataset: str | None
     # (1) explosion past L
     past = [w for w in windows if w > L and _ppl(base, w) is not None]
     if _ppl(base, L) is None or not past:
-        claims.append(Claim("1", "base perplexity explodes just past L", MISSING, f"need the base model (method none, L={L}) at W={L} and a window > {L} in ppl_{dataset}.csv"))
+        claims.append(Claim("1", "base perplexity explodes just past L", MISSING, f"need the base model (method base, L={L}) at W={L} and a window > {L} in ppl_{dataset}.csv"))
     else:
         p_L, p_next = _ppl(base, L), _ppl(base, past[0])
         ratio = p_next / p_L

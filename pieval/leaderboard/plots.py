@@ -95,9 +95,9 @@ def ppl_vs_window(frame: pd.DataFrame, windows: list[str], dataset: str, out_dir
 
 
 def _with_ft_start(rows: pd.DataFrame, group: list[str]) -> pd.DataFrame:
-    """Direct fine-tuning starts from the unmodified model, whose step-0 row says method "none":
+    """Direct fine-tuning starts from the unmodified model, whose step-0 row says method "base":
     that row (same base model, L' and group keys) becomes the first point of the FT line."""
-    start = rows[(rows["method"] == "none") & (rows["steps"] == 0)]
+    start = rows[(rows["method"] == "base") & (rows["steps"] == 0)]
     keys = ["base_model", "L'", *(k for k in group if k not in ("base_model", "method"))]
     ft = rows.loc[rows["method"] == "FT", keys].drop_duplicates()
     if ft.empty or start.empty:

@@ -3,22 +3,18 @@
 Everything comes from the results JSON alone, so a leaderboard can be rebuilt anywhere:
 lm-eval's own sections (``config``, ``configs.<task>``, versions, ``date``) plus the
 ``config.pieval`` dict that the `pi_llama` backend adds (`PILlama.get_model_info`). A
-fine-tuned checkpoint is recognised by a ``finetune`` dict (``step``, ``method``,
-``base_model``, optionally ``base_window``) in ``config.pieval`` or, for runs that pass it
-through ``simple_evaluate``'s ``metadata``, in the task metadata under ``pieval_finetune``.
-Failing both, the checkpoint written by `pieval finetune` is read where it still exists: beside
-the results file in the run directory's ``eval/<checkpoint>/`` layout, or at the recorded path
-(``trainer_state.json``: step, method, base window; ``finetune_config.json``: base model).
+checkpoint `pieval finetune` made carries its facts (`pieval.facts`: method, steps, base
+model, base window, ...) in its config.json, and `pi_llama` copies them to
+``config.pieval.finetune``; no checkpoint folder is read, so deleting one changes no row.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
+from pieval import rope
 from pieval.errors import UserError
 from pieval.leaderboard.results import ResultsFile
 
@@ -58,10 +54,9 @@ COLUMNS = (
     "results_file",
 )
 
-# transformers rope types -> the method names the paper and the leaderboard use.
-_METHOD_BY_ROPE_TYPE = {"linear": "PI", "dynamic": "dynamic-ntk", "yarn": "yarn", "llama3": "llama3", "longrope": "longrope"}
-# pi_llama's rope_method values that name a method on their own ("none" = checkpoint as saved).
-_METHOD_BY_ROPE_METHOD = {"pi": "PI", "ntk": "ntk", "dynamic": "dynamic-ntk", "yarn": "yarn"}
+# Method labels that name no rope method (those are `pieval.rope.METHODS`' labels).
+BASE = "base"  # the base model as saved: not extended, not fine-tuned
+DIRECT = "FT"  # fine-tuned at L' without interpolation (the paper's label)
 
 
 class ProvenanceError(UserError):
@@ -74,7 +69,7 @@ class RowId:
 
     model: str  # the evaluated checkpoint (path or hub id, as passed to pretrained=)
     base_model: str  # the model it was fine-tuned from; == model when not fine-tuned
-    method: str  # none / FT / PI / ntk / yarn / ...
+    method: str  # base / FT / PI / ntk / yarn / ...
     L: int  # trained window of the base model
     L_prime: int  # evaluated context window L'
     steps: int  # fine-tune steps (0 = not fine-tuned)
@@ -85,50 +80,22 @@ def _pieval(rf: ResultsFile) -> dict:
 
 
 def _finetune(rf: ResultsFile) -> dict:
+    """The checkpoint's fine-tune facts (`pieval.facts`), ``{}`` for a model pieval did not fine-tune."""
     ft = _pieval(rf).get("finetune")
-    if ft:
-        return ft
-    for task in sorted(rf.data["configs"]):
-        ft = rf.task_metadata(task).get("pieval_finetune")
-        if ft:
-            return ft
-    # `pieval finetune --eval-every` writes <run>/eval/<checkpoint>/results_*.json beside
-    # <run>/<checkpoint>/; the recorded path may be absolute on another machine
-    pretrained = Path(str(_pieval(rf).get("pretrained", "")))
-    for ckpt in (rf.path.parent.parent.parent / rf.path.parent.name, pretrained):
-        ft = _finetune_from_checkpoint(ckpt)
-        if ft:
-            return ft
-    return {}
-
-
-def _finetune_from_checkpoint(path: Path) -> dict:
-    """The record `pieval finetune` saves in each checkpoint (trainer_state.json, finetune_config.json)."""
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        settings = json.loads((path / "finetune_config.json").read_text(encoding="utf-8"))
-        rope = state.get("rope") or {}
-        return {
-            "step": int(state["step"]),
-            "method": rope.get("method", settings.get("method")),
-            "base_model": settings.get("model"),
-            "base_window": rope.get("base_window"),
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+    return ft if isinstance(ft, dict) else {}
 
 
 def method_label(pieval: dict, finetune: dict) -> str:
-    """PI for linear scaling > 1; FT for a checkpoint fine-tuned without interpolation; else the rope method."""
-    rope_method = str(pieval.get("rope_method") or "none").lower()
-    factor = float(pieval.get("factor") or 1.0)
-    if rope_method in _METHOD_BY_ROPE_METHOD and rope_method != "pi":
-        return _METHOD_BY_ROPE_METHOD[rope_method]
-    if factor > 1.0 or rope_method == "pi":
-        return _METHOD_BY_ROPE_TYPE.get(str(pieval.get("rope_type")), str(pieval.get("rope_type")))
-    if finetune and int(finetune.get("step", 0)) > 0:
-        return "FT"
-    return "none"
+    """The rope method's label; as saved: its rope type's when extended (PI for linear), else FT
+    for a checkpoint fine-tuned without interpolation, else base."""
+    method = rope.method_name(pieval.get("rope_method") or rope.AS_SAVED)
+    if method in rope.METHODS:
+        return rope.METHODS[method].label
+    if float(pieval.get("factor") or 1.0) > 1.0:
+        return rope.label_of_rope_type(str(pieval.get("rope_type")))
+    if finetune and int(finetune.get("steps", 0)) > 0:
+        return DIRECT
+    return BASE
 
 
 def missing(rf: ResultsFile) -> list[str]:
@@ -162,7 +129,7 @@ def row_id(rf: ResultsFile) -> RowId:
         method=method_label(pv, ft),
         L=int(ft.get("base_window") or pv["base_window"]),
         L_prime=int(pv["context_length"]),
-        steps=int(ft.get("step", 0)),
+        steps=int(ft.get("steps", 0)),
     )
 
 

@@ -130,7 +130,7 @@ def ppl_vs_steps(ppl_cells: list[Cell]) -> list[Cell]:
     return [
         Cell(c.rid, (*c.key, int(c.column)), "ppl", c.value, c.date, c.prov)
         for c in ppl_cells
-        if int(c.column) == c.rid.L_prime and (c.rid.method != "none" or c.rid.steps > 0 or c.rid.L_prime > c.rid.L)
+        if int(c.column) == c.rid.L_prime and (c.rid.method != "base" or c.rid.steps > 0 or c.rid.L_prime > c.rid.L)
     ]
 
 
