@@ -19,7 +19,7 @@ from lm_eval.utils import simple_parse_args_string
 
 from pieval import facts, gguf, loading, rope
 from pieval.errors import UserError
-from pieval.perplexity import SlidingWindowMixin
+from pieval.sliding_window_lm import SlidingWindowMixin
 
 log = logging.getLogger(__name__)
 

@@ -288,12 +288,3 @@ def score_documents(
                 if progress is not None:  # whole windows again, whatever the layer ticks summed to
                     progress.update(start + len(batch) - progress.n)
     return stats
-
-
-def __getattr__(name: str):
-    # pieval.backend still imports the mixin from here; it lives in pieval.sliding_window_lm
-    if name == "SlidingWindowMixin":
-        from pieval.sliding_window_lm import SlidingWindowMixin
-
-        return SlidingWindowMixin
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,12 +11,14 @@ model, base window, ...) in its config.json, and `pi_llama` copies them to
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pieval import rope
 from pieval.errors import UserError
 from pieval.leaderboard.results import ResultsFile
+from pieval.protocol import GOVREPORT_MAX_DOC_TOKENS, PASSKEY_SEED
 
 # config.pieval keys a measured row cannot do without (a row without them is not written).
 REQUIRED_PIEVAL = (
@@ -155,10 +157,6 @@ def _truncation(max_doc_tokens, cut=None) -> str:
     return f"first {max_doc_tokens} tokens" + (f" ({cut} docs cut)" if cut is not None else "")
 
 
-# Imported here, beside the per-task part that alone uses them.
-from collections.abc import Callable  # noqa: E402
-
-from pieval.protocol import GOVREPORT_MAX_DOC_TOKENS, PASSKEY_SEED  # noqa: E402
 
 # What each kind of task records about its data (the task metadata written into the
 # results JSON's ``configs`` section); a task that does not use a field leaves it empty.
