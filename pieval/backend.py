@@ -49,6 +49,7 @@ class PILlama(SlidingWindowMixin, HFLM):
             "rope_method": rope_method,
         }
         self.rope: rope.RopeSpec | None = None
+        check_batch_sizes(kwargs)
         if kwargs.get("attn_implementation") == "flash_attention_2":
             from pieval import flash_rotary
 
@@ -115,13 +116,18 @@ class PILlama(SlidingWindowMixin, HFLM):
         kwargs.setdefault("config", self._config)
         if kwargs.get("gguf_file") and kwargs.get("quantization_config") is None:
             kwargs.update(gguf.load_kwargs(kwargs["gguf_file"]))  # a dense model, as a checkpoint would be
-        if self._fused_rotary(kwargs):
-            from pieval import flash_rotary
+        try:
+            if self._fused_rotary(kwargs):
+                from pieval import flash_rotary
 
-            with flash_rotary.interpolated_rotary():
+                with flash_rotary.interpolated_rotary():
+                    super()._create_model(pretrained, **kwargs)
+            else:
                 super()._create_model(pretrained, **kwargs)
-        else:
-            super()._create_model(pretrained, **kwargs)
+        except TypeError as e:
+            # HFLM hands every model_arg it does not know to from_pretrained, and the model's
+            # __init__ rejects it (before any weights load): name it and the nearest real one
+            raise unknown_model_arg(e) or e
         rope.verify(self._model, self.rope)
 
     def _fused_rotary(self, kwargs) -> bool:
@@ -216,6 +222,48 @@ class PILlama(SlidingWindowMixin, HFLM):
         if recorded:
             info["pieval"]["finetune"] = recorded
         return info
+
+
+def check_batch_sizes(kwargs: dict) -> None:
+    """batch_size is a positive integer, "auto" or "auto:N"; max_batch_size a positive integer.
+
+    HFLM takes 0 and negative values without a word and then batches oddly or not at all.
+    """
+    for key in ("batch_size", "max_batch_size"):
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        text = str(value).strip().lower()
+        if key == "batch_size" and (text == "auto" or text.startswith("auto:")):
+            count = text.removeprefix("auto").removeprefix(":") or "1"
+        else:
+            count = text
+        if not count.isdigit() or int(count) < 1:
+            allowed = 'a positive integer, "auto" or "auto:N"' if key == "batch_size" else "a positive integer"
+            raise UserError(f"{key}={value!r} is not {allowed}: pass e.g. --batch_size 1 (or {key}=8 in --model_args)")
+
+
+def unknown_model_arg(error: TypeError) -> UserError | None:
+    """A UserError naming a model_arg that no one takes (from_pretrained's TypeError), else None."""
+    import difflib
+    import inspect
+    import re
+
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if not match:
+        return None
+    name = match.group(1)
+    known = set()
+    for klass in PILlama.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            known |= {p for p in inspect.signature(init).parameters if p not in ("self", "kwargs", "args")}
+    near = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"did you mean {near[0]}?" if near else "remove it"
+    return UserError(
+        f"model_arg {name}= is an argument of neither pi_llama, lm-eval's hf model nor the model's "
+        f"from_pretrained: {hint}"
+    )
 
 
 def merge_cli_config(model_args: dict, cli: dict | None) -> dict:

@@ -327,3 +327,28 @@ def test_the_window_start_token_is_recorded_and_a_missing_bos_warned_about(tiny_
     assert (start["id"], start["is_bos"]) == (tok.eos_token_id, False)
     assert "it has no BOS" in start["source"]
     assert "not a BOS token" in caplog.text and "prefix_token_id=ID" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("scaling_factr=4", "model_arg scaling_factr= is an argument of neither pi_llama, lm-eval's hf model nor the model's from_pretrained: did you mean scaling_factor?"),
+        ("contxt_length=1024", "did you mean context_length?"),
+        ("bogus=1", "model_arg bogus= is an argument of neither"),
+        ("batch_size=0", 'batch_size=0 is not a positive integer, "auto" or "auto:N"'),
+        ("batch_size=auto:0", "batch_size='auto:0' is not"),
+        ("max_batch_size=-2", "max_batch_size=-2 is not a positive integer"),
+    ],
+)  # fmt: skip
+def test_bad_model_args_are_named_with_the_fix(tiny_llama_dir, args, message):
+    with pytest.raises(UserError) as raised:
+        PILlama.create_from_arg_string(f"pretrained={tiny_llama_dir},{args}", {"device": "cpu"})
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_clis_batch_size_is_checked_too(tiny_llama_dir):
+    """--batch_size 0 reaches pi_llama beside model_args (lm-eval's additional_config)."""
+    with pytest.raises(UserError, match='batch_size=0 is not a positive integer, "auto" or "auto:N"'):
+        PILlama.create_from_arg_string(f"pretrained={tiny_llama_dir}", {"device": "cpu", "batch_size": 0})
+    lm = PILlama.create_from_arg_string(f"pretrained={tiny_llama_dir},batch_size=auto:4", {"device": "cpu"})
+    assert lm.batch_size_per_gpu == "auto"
