@@ -70,7 +70,8 @@ def local_data(config: FinetuneConfig) -> Path | None:
 def corpus(config: FinetuneConfig) -> Callable[[], Iterable[Document]]:
     """The documents of ``--task lm``, in file (or hub) order, read afresh on each call."""
     local = local_data(config)
-    hub = HubSource(config.data or DEFAULT_HUB_DATA, config.data_config, config.data_split, config.data_revision, config.text_field)
+    data = config.data or DEFAULT_HUB_DATA
+    hub = HubSource(data, config.data_config, config.data_split, config.data_revision, config.text_field)
     return lambda: iter_documents(str(local) if local else None, None if local else hub, config.text_field)
 
 
@@ -85,8 +86,9 @@ def check_data(config: FinetuneConfig, tokenizer, length: int) -> None:
     if config.task == "govreport":
         from pieval.finetune import govreport
 
-        if next(iter(govreport.reports(config.data, config.data_split, config.data_revision)()), None) is None:
-            raise DataError(f"--data {config.data} holds no reports; pass a jsonl with document/summary fields")
+        reports = govreport.reports(config.data, config.data_split, config.data_revision)()
+        if next(iter(reports), None) is None:
+            raise DataError(f"--data {config.data or govreport.SCROLLS} holds no reports; pass a jsonl with document/summary fields")
         return
     tokens = 0
     try:

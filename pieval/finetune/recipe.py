@@ -9,9 +9,11 @@
    records how it was made (``pieval.facts``), and the state to resume from; optionally
    evaluate it with lm-eval tasks.
 
-`Run` holds a run's state and reads in phases, as torchtune's recipes do: ``setup`` (run
-directory, model, optimizer, resume), ``catch_up`` (evaluations a killed run missed),
-``train`` (``train_step``, ``save``, ``evaluate``) and ``cleanup``.
+`Run` holds a run's state and reads in phases, as torchtune's recipes do: ``setup`` (the
+checks of `preflight`, before anything is written; the lock on ``--output``; run directory,
+model, optimizer, resume), ``catch_up`` (evaluations a killed run missed), ``train``
+(``train_step``, ``save``, ``evaluate``) and ``cleanup`` (``final`` names the last checkpoint
+only once the run has finished).
 
 Devices, mixed precision, gradient accumulation and multi-GPU (DDP, FSDP, DeepSpeed through
 ``accelerate launch``) are accelerate's; this file holds no distribution code of its own.
@@ -36,12 +38,12 @@ import pieval
 from pieval import gguf, loading, rope
 from pieval.errors import UserError
 from pieval.facts import FinetuneFacts
-from pieval.locking import OutputLock
 from pieval.finetune import checkpoint as ckpt
 from pieval.finetune import preflight
 from pieval.finetune.config import DEFAULT_HUB_DATA, FinetuneConfig, run_identity
 from pieval.finetune.data import DataPosition, PackedSequences, SupervisedExamples, collate, predicted_tokens
 from pieval.finetune.evaluate import Evaluator, evaluated_steps
+from pieval.locking import OutputLock
 
 
 # ---------------------------------------------------------------- the optimisation recipe
@@ -157,7 +159,8 @@ def training_examples(config: FinetuneConfig, tokenizer, length: int, position: 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    return PackedSequences(preflight.corpus(config), encode, tokenizer.eos_token_id, length, config.seed, config.shuffle_buffer, position)
+    documents = preflight.corpus(config)
+    return PackedSequences(documents, encode, tokenizer.eos_token_id, length, config.seed, config.shuffle_buffer, position)
 
 
 # ---------------------------------------------------------------- the run
