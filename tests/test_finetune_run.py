@@ -218,6 +218,29 @@ def test_damaged_weights_of_the_newest_checkpoint_are_not_resumed_from(tiny_llam
     assert os.readlink(out / "final") == "checkpoint-000012"
 
 
+def test_verify_weights_names_a_missing_or_torn_file_and_final_past_the_resume_point_goes(tmp_path):
+    from safetensors.torch import save_file
+
+    from pieval.finetune.checkpoint import DamagedCheckpoint, drop_final_after, link_final, verify_weights
+
+    path = tmp_path / "checkpoint-000006"
+    path.mkdir()
+    with pytest.raises(DamagedCheckpoint, match="^model.safetensors is missing$"):
+        verify_weights(path)
+    save_file({"w": torch.zeros(4, 4)}, path / "model.safetensors")
+    verify_weights(path)
+    whole = (path / "model.safetensors").read_bytes()
+    for torn, message in ((whole + b"\0", "holds .* bytes where its header describes"), (whole[:4], "no readable safetensors header")):
+        (path / "model.safetensors").write_bytes(torn)
+        with pytest.raises(DamagedCheckpoint, match=message):
+            verify_weights(path)
+    link_final(tmp_path, path)
+    drop_final_after(tmp_path, 6)  # resumed from it: a finished run's final stays
+    assert os.readlink(tmp_path / "final") == path.name
+    drop_final_after(tmp_path, 3)  # resumed from an older one (it fell back past this one)
+    assert not (tmp_path / "final").exists()
+
+
 @pytest.mark.slow
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
