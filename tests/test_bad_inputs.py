@@ -16,7 +16,9 @@ under ``{tmp}`` that is a tmpfs for the run, read-only or tiny, in a user namesp
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -181,6 +183,100 @@ CASES = [
          then=no_heat_map_and_the_manifest_says_why("holds 13 of the 16"), writes=True),
     Case("leaderboard: nothing to build from", ("pieval", "leaderboard", "{bad}/foreign", "--out", "{tmp}/lb"), 2,
          "error: no measured row could be built from {bad}/foreign (1 input(s) skipped, see above); nothing written to {tmp}/lb"),
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------- pieval finetune on a tiny random LLaMA
+
+
+@functools.cache
+def _tiny_llama() -> Path:
+    """Built once per test process (as conftest's ``tiny_llama_dir``), copied into each case's {tmp}."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "kjv-llama-tiny")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = Path(tempfile.mkdtemp(prefix="pieval-tiny-llama-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_llama(*more: Setup) -> Setup:
+    """{tmp}/model: the tiny LLaMA (L = 256); then ``more``."""
+
+    def setup(tmp: Path, stack: contextlib.ExitStack) -> None:
+        shutil.copytree(_tiny_llama(), tmp / "model")
+        for other in more:
+            other(tmp, stack)
+
+    return setup
+
+
+def a_text(name: str, text: str) -> Setup:
+    return lambda tmp, stack: (tmp / name).write_text(text)
+
+
+def a_gpt2_config(tmp: Path, stack: contextlib.ExitStack) -> None:
+    """{tmp}/gpt2: a model without rotary positions (its config alone: nothing more may be read)."""
+    (tmp / "gpt2").mkdir()
+    (tmp / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}))
+
+
+def a_run_that_never_stepped(tmp: Path, stack: contextlib.ExitStack) -> None:
+    """{tmp}/run: what a fine-tune that failed before its first step left (other settings)."""
+    (tmp / "run").mkdir()
+    (tmp / "run" / "run.json").write_text(json.dumps({"identity": {"lr": 0.5}, "settings": {"lr": 0.5}}))
+    (tmp / "run" / "metrics.jsonl").write_text("")
+
+
+def finished_run(tmp: Path) -> None:
+    assert os.readlink(tmp / "run" / "final") == "checkpoint-000001"
+    assert not (tmp / ".run.lock").exists()
+    assert json.loads((tmp / "run" / "run.json").read_text())["identity"]["lr"] == 0.001
+
+
+def finetune(*extra: str, model: str = "{tmp}/model", data: str = "{repo}/models/corpus/kjv/train.jsonl.gz") -> tuple[str, ...]:
+    return (
+        "pieval", "finetune", "--model", model, "--data", data, "--scaling-factor", "4", "--output", "{tmp}/run",
+        "--global-batch", "4", "--micro-batch", "2", "--lr", "1e-3", "--max-steps", "1", "--no-progress", *extra,
+    )  # fmt: skip
+
+
+FT = "pieval finetune: error: "
+CASES += [
+    Case("finetune: an unknown --eval-tasks name", finetune("--eval-tasks", "passkee"), 2,
+         f"{FT}--eval-tasks 'passkee' is not an lm-eval task (pieval's included): did you mean 'passkey'?",
+         setup=tiny_llama()),
+    Case("finetune: --data that does not exist", finetune(data="{tmp}/nope.jsonl"), 2,
+         f"{FT}--data {{tmp}}/nope.jsonl does not exist: pass a .txt, .jsonl or .parquet file", setup=tiny_llama()),
+    Case("finetune: --data without the text field", finetune(data="{tmp}/rows.jsonl"), 2,
+         f"{FT}--data {{tmp}}/rows.jsonl: rows.jsonl:1 has no 'text' field (has ['body']); pass --text-field with the "
+         "field that holds the text", setup=tiny_llama(a_text("rows.jsonl", '{"body": "In the beginning"}\n'))),
+    Case("finetune: --data shorter than one sequence", finetune(data="{tmp}/small.txt"), 2,
+         f"{FT}--data {{tmp}}/small.txt holds only 16 tokens (documents joined by EOS); one training sequence needs "
+         "1024 (L'). Use more text or a smaller --context-length/--scaling-factor",
+         setup=tiny_llama(a_text("small.txt", "In the beginning God created the heaven and the earth."))),
+    Case("finetune: a model without RoPE, refused from its config", finetune(model="{tmp}/gpt2"), 2,
+         f"{FT}checkpoint '{{tmp}}/gpt2' (model_type='gpt2') has no rotary position embedding", setup=a_gpt2_config),
+    Case("finetune: a second run into the same --output", finetune(), 2,
+         f"{FT}{{tmp}}/run is being written by pid", setup=tiny_llama(held("run"))),
+    Case("finetune: a second run names the fix", finetune(), 2,
+         "; wait for that run to finish, or pass another --output (lock file: {tmp}/.run.lock)",
+         setup=tiny_llama(held("run"))),
+    Case("finetune: a lock left by a killed run", finetune(), 0,
+         "pieval finetune: note: took over the lock {tmp}/.run.lock left by pid", setup=tiny_llama(killed_holder("run")),
+         then=finished_run),
+    Case("finetune: a run that failed before its first step does not block", finetune(), 0,
+         "pieval finetune: note: --output {tmp}/run held a run that failed before its first step; starting this one there",
+         setup=tiny_llama(a_run_that_never_stepped), then=finished_run),
 ]  # fmt: skip
 
 

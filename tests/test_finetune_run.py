@@ -172,10 +172,12 @@ def test_sigkill_then_resume_reproduces_the_loss_curve_exactly(tiny_llama_dir, r
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (out / "checkpoint-000012").exists()
+    assert not (out / "final").exists()  # named only at the end of a run that finished
     resumed = cli(*tiny_args(tiny_llama_dir, out, "--max-steps", "12", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint-" in resumed.stdout + resumed.stderr
     assert curve(out) == reference_curve[1]  # same steps, same losses and lrs, to the last bit
+    assert os.readlink(out / "final") == "checkpoint-000012"
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_llama_dir, reference_curve, tmp_path):
@@ -191,6 +193,78 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_llama_dir, re
     assert "cannot resume from checkpoint-000012" in log
     assert "resuming from checkpoint-000009 (step 9), falling back past: checkpoint-000012" in log
     assert curve(out) == reference_curve[1]
+
+
+def test_damaged_weights_of_the_newest_checkpoint_are_not_resumed_from(tiny_llama_dir, reference_curve, tmp_path):
+    """The product (model.safetensors) is checked too, not only the training state: resuming past a
+    torn one would leave that checkpoint unloadable; falling back re-saves it whole."""
+    import shutil
+
+    from pieval.finetune.checkpoint import verify_weights
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_curve[0], out, symlinks=True)
+    weights = out / "checkpoint-000012" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])  # a copy cut short, a full disk
+    resumed = cli(*tiny_args(tiny_llama_dir, out, "--max-steps", "12", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    damage = f"DamagedCheckpoint: model.safetensors holds {size // 2} bytes where its header describes {size}"
+    assert f"cannot resume from checkpoint-000012: {damage}" in log
+    assert f"resuming from checkpoint-000009 (step 9), falling back past: checkpoint-000012 ({damage})" in log
+    assert curve(out) == reference_curve[1]
+    verify_weights(out / "checkpoint-000012")  # whole again
+    assert os.readlink(out / "final") == "checkpoint-000012"
+
+
+def test_verify_weights_names_a_missing_or_torn_file_and_final_past_the_resume_point_goes(tmp_path):
+    from safetensors.torch import save_file
+
+    from pieval.finetune.checkpoint import DamagedCheckpoint, drop_final_after, link_final, verify_weights
+
+    path = tmp_path / "checkpoint-000006"
+    path.mkdir()
+    with pytest.raises(DamagedCheckpoint, match="^model.safetensors is missing$"):
+        verify_weights(path)
+    save_file({"w": torch.zeros(4, 4)}, path / "model.safetensors")
+    verify_weights(path)
+    whole = (path / "model.safetensors").read_bytes()
+    for torn, message in ((whole + b"\0", "holds .* bytes where its header describes"), (whole[:4], "no readable safetensors header")):
+        (path / "model.safetensors").write_bytes(torn)
+        with pytest.raises(DamagedCheckpoint, match=message):
+            verify_weights(path)
+    link_final(tmp_path, path)
+    drop_final_after(tmp_path, 6)  # resumed from it: a finished run's final stays
+    assert os.readlink(tmp_path / "final") == path.name
+    drop_final_after(tmp_path, 3)  # resumed from an older one (it fell back past this one)
+    assert not (tmp_path / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = tiny_args(tiny_llama_dir, out, "--max-steps", "1000", "--save-every", "1000")
+    first = subprocess.Popen([sys.executable, "-m", "pieval", *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.time() + 300
+        while time.time() < deadline and first.poll() is None and not (metrics.is_file() and metrics.read_text()):
+            time.sleep(0.05)
+        second = cli(*argv)
+        assert first.poll() is None, "the first run ended before the second one was refused"
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"{out} is being written by pid {first.pid} on host " in second.stderr
+    assert f"or pass another --output (lock file: {tmp_path / '.run.lock'})" in second.stderr
+    steps = [s for s, _, _ in curve(out)]
+    assert steps == list(range(1, len(steps) + 1))  # each step once: only the first run wrote
+    assert not (out / "final").exists()
+    resumed = cli(*tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--resume"))  # the lock is the killed run's
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"pieval finetune: note: took over the lock {tmp_path / '.run.lock'} left by pid {first.pid}" in resumed.stderr
+    assert not (tmp_path / ".run.lock").exists()
 
 
 def test_optimizer_state_is_kept_only_in_the_newest_checkpoints(reference_curve):
@@ -378,7 +452,7 @@ def test_too_little_text_says_how_much_is_needed(tiny_llama_dir, tmp_path, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "holds only" in err and "needs 1024 (L')" in err
-    assert not list((tmp_path / "o").glob("checkpoint-*"))
+    assert not (tmp_path / "o").exists()  # checked before anything is written
 
 
 def test_output_holding_a_different_run_is_refused_unless_overwrite(tiny_llama_dir, tmp_path, capsys):
@@ -402,6 +476,7 @@ def test_missing_data_path(tiny_llama_dir, tmp_path, capsys):
     argv[argv.index("--data") + 1] = str(tmp_path / "nope.jsonl")
     assert main(argv) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_out_of_memory_names_the_remedies(tiny_llama_dir, tmp_path, monkeypatch, capsys):
@@ -411,9 +486,16 @@ def test_out_of_memory_names_the_remedies(tiny_llama_dir, tmp_path, monkeypatch,
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(recipe, "optimizer_step", oom)
-    assert main(tiny_args(tiny_llama_dir, tmp_path / "o", "--max-steps", "1")) == 2
+    out = tmp_path / "o"
+    assert main(tiny_args(tiny_llama_dir, out, "--max-steps", "1")) == 2
     err = capsys.readouterr().err
     assert "out of memory" in err and "--gradient-checkpointing" in err and "--micro-batch" in err and "--lora" in err
+    assert not (out / "final").exists() and not (tmp_path / ".o.lock").exists()
+    # the corrected command (other settings) takes over the run that never took a step, without --overwrite
+    monkeypatch.undo()
+    assert main(tiny_args(tiny_llama_dir, out, "--max-steps", "1", "--micro-batch", "1", "--lr", "5e-4")) == 0
+    assert "held a run that failed before its first step; starting this one there" in capsys.readouterr().err
+    assert os.readlink(out / "final") == "checkpoint-000001"
 
 
 def test_remote_code_is_refused_unless_asked(tmp_path, capsys):

@@ -12,11 +12,15 @@ Layout of ``--output DIR``::
         finetune_config.json    the resolved settings (hyper-parameters beside the weights)
         trainer_state.json      what resume needs: step, data position, tokens seen, last loss and lr
         training_state/         accelerate's save_state: weights in fp32, optimizer, scheduler, RNG
-    final -> checkpoint-001000  link to the last checkpoint
+    final -> checkpoint-001000  link to the last checkpoint of the last run that finished (set at its
+                                end only: a failed or killed run leaves it as it was, or absent)
     eval/                       see pieval.finetune.evaluate
 
 A checkpoint directory is built under a temporary name and renamed into place, so one that
-exists is whole. ``training_state/`` is pruned from all but the newest few checkpoints.
+exists is whole; resume still checks its weight files (`verify_weights`: a disk can fill, a
+copy can be cut) and falls back past a damaged one. ``training_state/`` is pruned from all
+but the newest few checkpoints. A run that never took a step (it failed on the way there)
+holds nothing worth keeping: the next run into its directory replaces it without --overwrite.
 """
 
 from __future__ import annotations
@@ -63,8 +67,17 @@ def checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prepare_run_dir(output: Path, identity: dict, settings: dict, resume: bool, overwrite: bool) -> None:
-    """Refuse a directory holding another run (unless overwrite); record this run in run.json."""
+def started(output: Path) -> bool:
+    """Whether the run in ``output`` took an optimizer step (logged one, or saved a checkpoint after one)."""
+    return bool(read_metrics(output, up_to_step=1 << 62)) or any(step > 0 for step, _ in checkpoints(output))
+
+
+def prepare_run_dir(output: Path, identity: dict, settings: dict, resume: bool, overwrite: bool, note=print) -> None:
+    """Refuse a directory holding another run (unless overwrite); record this run in run.json.
+
+    A run that never took a step is replaced without --overwrite (``note`` says so), unless
+    this is the same run resumed.
+    """
     run_file = output / RUN_FILE
     if output.exists() and not output.is_dir():
         raise RunDirError(f"--output {output} is a file; pass a directory")
@@ -74,9 +87,12 @@ def prepare_run_dir(output: Path, identity: dict, settings: dict, resume: bool, 
         if not overwrite:
             raise RunDirError(f"{run_file} is unreadable; pass --overwrite to start the run in {output} again") from None
         existing = None
+    if existing is not None and not overwrite and not started(output) and not (resume and same_run(existing, identity)):
+        note(f"--output {output} held a run that failed before its first step; starting this one there")
+        overwrite = True
     if overwrite:
         _clear_run(output)
-    elif existing is not None and renamed(existing.get("identity", {})) != identity:
+    elif existing is not None and not same_run(existing, identity):
         old = renamed(existing.get("identity", {}))
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         shown = ", ".join(f"{k}: {old.get(k)!r} there vs {identity.get(k)!r} now" for k in diff)
@@ -97,6 +113,11 @@ def prepare_run_dir(output: Path, identity: dict, settings: dict, resume: bool, 
     for leftover in output.glob(".checkpoint-*.tmp") if output.is_dir() else []:
         shutil.rmtree(leftover, ignore_errors=True)  # a save cut short by a kill
     atomic.write_text(run_file, json.dumps({"identity": identity, "settings": settings}, indent=1) + "\n")
+
+
+def same_run(existing: dict, identity: dict) -> bool:
+    """Whether run.json's contents ``existing`` record the run of ``identity``."""
+    return renamed(existing.get("identity", {})) == identity
 
 
 def _clear_run(output: Path) -> None:
@@ -164,8 +185,6 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
             atomic.write_text(tmp / CONFIG_FILE, json.dumps(settings, indent=1) + "\n")
             atomic.write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
-    if accelerator.is_main_process:
-        _link_final(output, path)
     return path
 
 
@@ -194,13 +213,60 @@ def _is_peft(model) -> bool:
     return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
 
 
-def _link_final(output: Path, path: Path) -> None:
+def link_final(output: Path, path: Path) -> None:
+    """Point ``final`` at checkpoint ``path`` (atomically: a reader sees the old link or the new one)."""
     link = output / FINAL_LINK
     tmp = output / f".{FINAL_LINK}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(path.name, tmp)
     os.replace(tmp, link)
+
+
+def drop_final_after(output: Path, step: int) -> None:
+    """Remove ``final`` when it names a checkpoint past ``step``: one resume fell back past (damaged), or lost."""
+    link = output / FINAL_LINK
+    m = _CHECKPOINT.match(os.readlink(link)) if link.is_symlink() else None
+    if m and int(m.group(1)) > step:
+        link.unlink()
+
+
+def verify_weights(path: Path) -> None:
+    """Raise `DamagedCheckpoint` when a weight file of checkpoint ``path`` is missing or not whole.
+
+    A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte
+    range, then the data: its size must be exactly what the header describes. Cheap (headers
+    only), and catches what a kill, a full disk or a cut copy leaves.
+    """
+    index = path / "model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    except (ValueError, KeyError, AttributeError) as e:
+        raise DamagedCheckpoint(f"{index.name} is unreadable ({type(e).__name__})") from None
+    for name in names:
+        _check_safetensors(path / name)
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's weight file that is missing, or shorter or longer than its header says."""
+
+
+def _check_safetensors(file: Path) -> None:
+    if not file.is_file():
+        raise DamagedCheckpoint(f"{file.name} is missing")
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            if n < 2 or 8 + n > size:
+                raise ValueError
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise DamagedCheckpoint(f"{file.name} has no readable safetensors header ({size} bytes)") from None
+    if size != 8 + n + end:
+        raise DamagedCheckpoint(f"{file.name} holds {size} bytes where its header describes {8 + n + end}")
 
 
 def prune_training_state(output: Path, keep: int) -> None:
@@ -224,6 +290,7 @@ def load_newest(accelerator, output: Path, log) -> dict | None:
             if not (path / TRAINING_STATE).is_dir():
                 raise FileNotFoundError(f"no {TRAINING_STATE}/ (pruned, see --keep-training-state)")
             state = json.loads((path / STATE_FILE).read_text())
+            verify_weights(path)  # the product: resuming past a damaged one would leave it damaged
             accelerator.load_state(str(path / TRAINING_STATE))
         except Exception as e:  # any unreadable piece means: not this one, try the previous
             skipped.append(f"{path.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

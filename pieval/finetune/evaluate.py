@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pieval import atomic
+from pieval.errors import UserError
 
 EVAL_DIR = "eval"
 RESULTS_FILE = "results.jsonl"
@@ -61,6 +63,36 @@ def _rng_kept() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def task_manager(tasks: list[str], include_path: str | None, metadata: dict | None = None):
+    """lm-eval's TaskManager with pieval's tasks (and ``include_path``'s) in it."""
+    from lm_eval.tasks import TaskManager
+
+    from pieval import lmeval
+    from pieval.paths import tasks_dir
+
+    lmeval.include_tasks()  # a TaskManager with lm-eval's tasks then holds pieval's too
+    extra = [include_path] if include_path else []
+    # Indexing lm-eval's ~15k built-in tasks takes ~25 s: skip it when pieval's own tasks suffice.
+    own = TaskManager(include_path=[str(tasks_dir()), *extra], include_defaults=False, metadata=metadata)
+    if all(own.match_tasks([t]) for t in tasks):
+        return own
+    return TaskManager(include_path=extra or None, metadata=metadata)
+
+
+def check_tasks(tasks: list[str], include_path: str | None) -> None:
+    """Every name in ``tasks`` is a task, group or tag lm-eval knows (globs allowed), else a UserError naming the nearest."""
+    if not tasks:
+        return
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise UserError(f"--eval-include-path {include_path} is not a directory; pass a directory of lm-eval task YAMLs")
+    manager = task_manager(tasks, include_path)
+    for name in tasks:
+        if not manager.match_tasks([name]):
+            near = difflib.get_close_matches(name, manager.all_tasks, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else "list the known ones with `lm_eval ls tasks`"
+            raise UserError(f"--eval-tasks {name!r} is not an lm-eval task (pieval's included): {hint}")
+
+
 class Evaluator:
     """Runs ``tasks`` on a checkpoint directory and records the metrics for the run."""
 
@@ -81,16 +113,7 @@ class Evaluator:
 
     def _task_manager(self, metadata: dict):
         """A TaskManager carrying ``metadata`` (lm-eval ignores simple_evaluate's when one is passed)."""
-        from lm_eval.tasks import TaskManager
-
-        from pieval.paths import tasks_dir
-
-        extra = [self.include_path] if self.include_path else []
-        # Indexing lm-eval's ~15k built-in tasks takes ~25 s: skip it when pieval's own tasks suffice.
-        own = TaskManager(include_path=[str(tasks_dir()), *extra], include_defaults=False, metadata=metadata)
-        if all(t in own.all_tasks for t in self.tasks):
-            return own
-        return TaskManager(include_path=extra or None, metadata=metadata)
+        return task_manager(self.tasks, self.include_path, metadata)
 
     def evaluate(self, checkpoint: Path, step: int, tokens: int) -> dict:
         """Evaluate one checkpoint; append its metrics to eval/results.jsonl and eval/table.csv."""

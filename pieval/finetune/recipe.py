@@ -9,9 +9,11 @@
    records how it was made (``pieval.facts``), and the state to resume from; optionally
    evaluate it with lm-eval tasks.
 
-`Run` holds a run's state and reads in phases, as torchtune's recipes do: ``setup`` (run
-directory, model, optimizer, resume), ``catch_up`` (evaluations a killed run missed),
-``train`` (``train_step``, ``save``, ``evaluate``) and ``cleanup``.
+`Run` holds a run's state and reads in phases, as torchtune's recipes do: ``setup`` (the
+checks of `preflight`, before anything is written; the lock on ``--output``; run directory,
+model, optimizer, resume), ``catch_up`` (evaluations a killed run missed), ``train``
+(``train_step``, ``save``, ``evaluate``) and ``cleanup`` (``final`` names the last checkpoint
+only once the run has finished).
 
 Devices, mixed precision, gradient accumulation and multi-GPU (DDP, FSDP, DeepSpeed through
 ``accelerate launch``) are accelerate's; this file holds no distribution code of its own.
@@ -22,7 +24,10 @@ processes.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shlex
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -31,13 +36,14 @@ import torch
 
 import pieval
 from pieval import gguf, loading, rope
-from pieval.documents import HubSource, iter_documents
 from pieval.errors import UserError
 from pieval.facts import FinetuneFacts
 from pieval.finetune import checkpoint as ckpt
+from pieval.finetune import preflight
 from pieval.finetune.config import DEFAULT_HUB_DATA, FinetuneConfig, run_identity
 from pieval.finetune.data import DataPosition, PackedSequences, SupervisedExamples, collate, predicted_tokens
 from pieval.finetune.evaluate import Evaluator, evaluated_steps
+from pieval.locking import OutputLock
 
 
 # ---------------------------------------------------------------- the optimisation recipe
@@ -74,25 +80,15 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_model(config: FinetuneConfig):
-    """(model, tokenizer, rope spec, dtype to save in): the model built with the interpolation in place."""
+def load_model(config: FinetuneConfig, plan: preflight.Plan | None = None):
+    """(model, tokenizer, rope spec, dtype to save in): the model built with the interpolation in place.
+
+    ``plan`` is what `preflight.check_model` read (it reads it when not given).
+    """
     from transformers import AutoModelForCausalLM
 
-    source = loading.Source.of(config.model, config.gguf_file, trust_remote_code=config.trust_remote_code)
-    hf_config = loading.load_config(source)
-    tokenizer = loading.load_tokenizer(source)
-    if config.scaling_factor is None and config.context_length is None and rope.saved_factor(hf_config) == 1.0:
-        raise UserError(
-            f"--model {config.model} is not extended yet: pass --scaling-factor S or --context-length L' "
-            f"(its trained window is L = {rope.base_window(hf_config)})"
-        )
-    spec = rope.resolve(hf_config, config.scaling_factor, config.context_length, "pi")
-    if config.method == "pi":
-        rope.apply(hf_config, spec)
-    else:  # direct fine-tuning: positions as trained, the window just gets longer (L stays in the facts)
-        hf_config.max_position_embeddings = spec.context_length
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"the tokenizer of {config.model} has no EOS token, which separates packed documents")
+    plan = plan or preflight.check_model(config)
+    source, hf_config, tokenizer, spec = plan.source, plan.hf_config, plan.tokenizer, plan.spec
     save_dtype = hf_config.dtype if isinstance(hf_config.dtype, torch.dtype) else torch.float32
     kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     try:
@@ -160,17 +156,10 @@ def training_examples(config: FinetuneConfig, tokenizer, length: int, position: 
         make = govreport.example_maker(tokenizer, length)
         return SupervisedExamples(documents, make, config.seed, config.shuffle_buffer, position)
 
-    data = config.data or DEFAULT_HUB_DATA
-    local = Path(data).expanduser()
-    is_local = local.exists() or data.startswith(("/", ".", "~")) or local.suffix in (".txt", ".jsonl", ".gz", ".parquet")
-    hub = HubSource(data, config.data_config, config.data_split, config.data_revision, config.text_field)
-
-    def documents():
-        return iter_documents(str(local) if is_local else None, None if is_local else hub, config.text_field)
-
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    documents = preflight.corpus(config)
     return PackedSequences(documents, encode, tokenizer.eos_token_id, length, config.seed, config.shuffle_buffer, position)
 
 
@@ -179,10 +168,11 @@ def training_examples(config: FinetuneConfig, tokenizer, length: int, position: 
 
 def finetune(config: FinetuneConfig) -> Path:
     """Run (or resume) the recipe; return the final checkpoint directory."""
-    run = Run.setup(config)
-    run.catch_up()
-    run.train()
-    return run.cleanup()
+    with contextlib.ExitStack() as held:  # the lock on --output, released however the run ends
+        run = Run.setup(config, held)
+        run.catch_up()
+        run.train()
+        return run.cleanup()
 
 
 class Run:
@@ -215,8 +205,12 @@ class Run:
     # ------------------------------------------------------------ setup
 
     @classmethod
-    def setup(cls, config: FinetuneConfig) -> Run:
-        """Run directory, model with the interpolation in place, optimizer, resumed state."""
+    def setup(cls, config: FinetuneConfig, held: contextlib.ExitStack) -> Run:
+        """Checks, lock, run directory, model with the interpolation in place, optimizer, resumed state.
+
+        Everything the user's input can fail on is checked (`preflight`) before the main process
+        locks ``--output`` (held in ``held``) and writes into it.
+        """
         from accelerate import Accelerator, PartialState
         from accelerate.utils import parse_flag_from_env, set_seed
 
@@ -228,6 +222,7 @@ class Run:
                 f"global_batch {config.global_batch} is not a multiple of micro_batch {config.micro_batch} x "
                 f"{procs} processes; pick --micro-batch so that micro_batch * processes divides it"
             )
+        plan = preflight.check(config)
         accelerator = Accelerator(
             cpu=cpu,
             gradient_accumulation_steps=config.global_batch // (procs * config.micro_batch),
@@ -237,10 +232,13 @@ class Run:
         )
         run = cls(config, accelerator, procs)
         if accelerator.is_main_process:
-            ckpt.prepare_run_dir(run.output, run_identity(config), run.settings, config.resume, config.overwrite)
+            lock = held.enter_context(OutputLock(run.output, _command(config), option="--output"))
+            if lock.took_over is not None:
+                _note(lock.took_over.stale_notice(lock.path))
+            ckpt.prepare_run_dir(run.output, run_identity(config), run.settings, config.resume, config.overwrite, _note)
         accelerator.wait_for_everyone()
         set_seed(config.seed)
-        run._build_model()
+        run._build_model(plan)
         run._build_optimizer()
         run._resume()
         if config.eval_tasks:
@@ -250,9 +248,9 @@ class Run:
             )  # fmt: skip
         return run
 
-    def _build_model(self) -> None:
+    def _build_model(self, plan: preflight.Plan) -> None:
         config = self.config
-        self.model, self.tokenizer, self.spec, self.save_dtype = load_model(config)
+        self.model, self.tokenizer, self.spec, self.save_dtype = load_model(config, plan)
         # Only the main process writes checkpoints, so only it reads the base weights to hash them.
         self.facts = finetune_facts(config, self.spec, self.model.config, hash_weights=self.accelerator.is_main_process)
         self.log(
@@ -287,6 +285,7 @@ class Run:
         position = DataPosition.from_dict(state["data_position"]) if state else None
         if self.accelerator.is_main_process:
             ckpt.rewrite_metrics(self.output, ckpt.read_metrics(self.output, self.step))
+            ckpt.drop_final_after(self.output, self.step)
         self.examples = training_examples(self.config, self.tokenizer, self.spec.context_length, position)
 
     # ------------------------------------------------------------ save and evaluate
@@ -396,11 +395,17 @@ class Run:
     # ------------------------------------------------------------ cleanup
 
     def cleanup(self) -> Path:
-        """Close the progress bar and trackers; return the final checkpoint."""
+        """Close the progress bar and trackers; point ``final`` at the last checkpoint and return it.
+
+        Only here, at the end of a run that finished: a failed or killed run leaves ``final``
+        as the last finished run left it (or absent).
+        """
         self.bar.close()
         if self.config.log_with:
             self.accelerator.end_training()
         final = ckpt.checkpoint_dir(self.output, self.step)
+        if self.accelerator.is_main_process:
+            ckpt.link_final(self.output, final)
         if self.last is not None:
             self.log(f"done: step {self.step}, loss {self.last['loss']:.4f}, final checkpoint {final}")
         if self.evaluator is not None:
@@ -434,6 +439,15 @@ def summed_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ignore_index=-100,
         reduction="sum",
     )
+
+
+def _note(line: str) -> None:
+    print(f"pieval finetune: note: {line}", file=sys.stderr)
+
+
+def _command(config: FinetuneConfig) -> str:
+    """How the lock file names this run to a second one refused while it runs."""
+    return shlex.join(["pieval", "finetune", "--model", str(config.model), "--output", str(config.output)])
 
 
 def _mixed_precision(precision: str) -> str:
