@@ -25,6 +25,18 @@ def _umask() -> int:
     return mask
 
 
+def ordinary_modes(folder: str | Path) -> None:
+    """Give the files under ``folder`` the modes an ordinary ``open`` would (0666 & ~umask).
+
+    safetensors writes its files private (0600): a checkpoint another user, or a container
+    running as another uid, is meant to load would then be unreadable to it.
+    """
+    mode = 0o666 & ~_umask()
+    for file in Path(folder).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(mode)
+
+
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

@@ -201,4 +201,5 @@ def save_plain(folder: str, gguf_file: str, out: str | Path, dtype: str = "float
     with atomic.directory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        atomic.ordinary_modes(tmp)
     return Path(out)

@@ -101,3 +101,14 @@ def test_directory_keeps_the_old_mode(tmp_path):
     with atomic.directory(target, owned=lambda rel: True) as tmp:
         (tmp / "x").write_text("new")
     assert stat.S_IMODE(target.stat().st_mode) == 0o750
+
+
+def test_ordinary_modes_undo_a_private_write(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.safetensors", "sub/b.json"):
+        (tmp_path / name).write_text("x")
+        (tmp_path / name).chmod(0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic.ordinary_modes(tmp_path)
+    assert {(tmp_path / n).stat().st_mode & 0o777 for n in ("a.safetensors", "sub/b.json")} == {0o666 & ~umask}

@@ -98,6 +98,12 @@ print(json.dumps(out))
 def test_pi_finetune_lowers_loss_at_L_prime_and_loads_in_plain_transformers(pi_run, ref_model_dir, heldout_dir):
     final = pi_run / "checkpoint-000040"
     assert (pi_run / "final").resolve() == final.resolve()
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable by whoever may read its folder, as save_pretrained's other files are (safetensors writes 0600)
+    assert {f.name: f.stat().st_mode & 0o777 for f in final.iterdir() if f.is_file()} == {
+        f.name: 0o666 & ~umask for f in final.iterdir() if f.is_file()
+    }
     env = {**ENV, "PIEVAL_LM_EVAL_HOOK": "0"}
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_LOAD, str(ref_model_dir), str(final), str(heldout_dir)],

@@ -183,6 +183,7 @@ def save_checkpoint(
             finally:
                 hf_model.config.dtype = train_dtype
             tokenizer.save_pretrained(tmp)
+            atomic.ordinary_modes(tmp)
             atomic.write_text(tmp / CONFIG_FILE, json.dumps(settings, indent=1) + "\n")
             atomic.write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
     return path
