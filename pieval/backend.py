@@ -240,7 +240,7 @@ def check_batch_sizes(kwargs: dict) -> None:
             count = text
         if not count.isdigit() or int(count) < 1:
             allowed = 'a positive integer, "auto" or "auto:N"' if key == "batch_size" else "a positive integer"
-            raise UserError(f"{key}={value!r} is not {allowed}: pass e.g. --batch_size 1 (or {key}=8 in --model_args)")
+            raise UserError(f"{key}={value} is not {allowed}: pass e.g. --batch_size 1 (or {key}=8 in --model_args)")
 
 
 def unknown_model_arg(error: TypeError) -> UserError | None:

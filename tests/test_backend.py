@@ -336,7 +336,7 @@ def test_the_window_start_token_is_recorded_and_a_missing_bos_warned_about(tiny_
         ("contxt_length=1024", "did you mean context_length?"),
         ("bogus=1", "model_arg bogus= is an argument of neither"),
         ("batch_size=0", 'batch_size=0 is not a positive integer, "auto" or "auto:N"'),
-        ("batch_size=auto:0", "batch_size='auto:0' is not"),
+        ("batch_size=auto:0", "batch_size=auto:0 is not"),
         ("max_batch_size=-2", "max_batch_size=-2 is not a positive integer"),
     ],
 )  # fmt: skip

@@ -280,6 +280,55 @@ CASES += [
 ]  # fmt: skip
 
 
+# ---------------------------------------------------------------- lm_eval --model pi_llama and pieval info, on the reference model
+
+TOY = "{repo}/models/kjv-llama-tiny"
+HELDOUT = '"data_path": "{repo}/models/corpus/kjv/heldout"'
+
+
+def lm_eval(model_args: str = "", metadata: str = "", *extra: str, tasks: str = "local_ppl") -> tuple[str, ...]:
+    """``lm_eval --model pi_llama`` on the reference model (L = 256), scoring one document."""
+    md = ", ".join(m for m in (HELDOUT, '"stride": 128', metadata) if m)
+    args = ",".join(a for a in (f"pretrained={TOY}", model_args) if a)
+    return ("lm_eval", "--model", "pi_llama", "--model_args", args, "--tasks", tasks, "--limit", "1",
+            "--metadata", "{{" + md + "}}", *extra)  # fmt: skip
+
+
+def an_empty_dir(name: str) -> Setup:
+    return lambda tmp, stack: (tmp / name).mkdir()
+
+
+LM = "lm_eval: error: "
+CASES += [
+    Case("lm_eval: a misspelt model_arg", lm_eval("scaling_factr=4"), 1,
+         f"{LM}model_arg scaling_factr= is an argument of neither pi_llama, lm-eval's hf model nor the model's "
+         "from_pretrained: did you mean scaling_factor?"),
+    Case("lm_eval: batch_size=0 in model_args", lm_eval("batch_size=0"), 1,
+         f'{LM}batch_size=0 is not a positive integer, "auto" or "auto:N"'),
+    Case("lm_eval: --batch_size 0", lm_eval("", "", "--batch_size", "0"), 1,
+         f'{LM}batch_size=0 is not a positive integer, "auto" or "auto:N"'),
+    Case("lm_eval: malformed --metadata JSON", ("lm_eval", "--model", "pi_llama", "--model_args", f"pretrained={TOY}",
+         "--tasks", "local_ppl", "--metadata", '{{"stride": x}}'), 1,
+         f'{LM}Invalid JSON: {{"stride": x}}. Hint: Use double quotes for JSON strings.'),
+    Case("lm_eval: a misspelt metadata key", lm_eval("", '"max_doc_token": 512'), 1,
+         f"{LM}local_ppl: unknown metadata key(s) 'max_doc_token': did you mean 'max_doc_tokens'?"),
+    Case("lm_eval: strid for stride", lm_eval("", '"strid": 64'), 1,
+         f"{LM}local_ppl: unknown metadata key(s) 'strid': did you mean 'stride'?"),
+    Case("lm_eval: the default stride on a 256-token window", ("lm_eval", "--model", "pi_llama", "--model_args",
+         f"pretrained={TOY}", "--tasks", "local_ppl", "--limit", "1", "--metadata", "{{" + HELDOUT + "}}"), 1,
+         "stride 256 > W-1 = 255 for window 256: tokens between windows would never be scored; pass a stride <= 255 "
+         """(--metadata '{{"stride": 128}}')"""),
+    Case("lm_eval: passkey lengths too short for the prompt", lm_eval("", '"lengths": [48]', tasks="passkey"), 1,
+         f"{LM}passkey length 48 cannot hold the prompt: its fixed text is"),
+    Case("lm_eval: pretrained= a folder without config.json", ("lm_eval", "--model", "pi_llama", "--model_args",
+         "pretrained={tmp}/empty", "--tasks", "local_ppl"), 1,
+         f"{LM}'{{tmp}}/empty' has no config.json: pass the folder of a saved model", setup=an_empty_dir("empty")),
+    Case("info: a folder without config.json", ("pieval", "info", "{tmp}/empty"), 2,
+         "pieval info: error: '{tmp}/empty' has no config.json: pass the folder of a saved model",
+         setup=an_empty_dir("empty")),
+]  # fmt: skip
+
+
 # ---------------------------------------------------------------- the runner
 
 
@@ -343,7 +392,8 @@ def test_bad_input(case: Case):
         assert "Traceback" not in run.stderr, run.stderr
         assert [line for line in run.stderr.splitlines() if message in line], (message, run.stderr)
         if case.status != 0 and not case.writes:
-            assert run.stderr.splitlines()[-1].startswith(f"{case.argv[0]} "), run.stderr  # the last word is the refusal
+            # the last word is the refusal ("pieval leaderboard: error: ...", "lm_eval: error: ...")
+            assert run.stderr.splitlines()[-1].startswith((f"{case.argv[0]} ", f"{case.argv[0]}:")), run.stderr
             assert _listing(tmp) == before  # nothing left behind
             if case.mount:
                 assert run.stdout.split(f"{MOUNTED}\n")[-1] == "", run.stdout
