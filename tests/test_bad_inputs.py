@@ -309,7 +309,7 @@ CASES += [
          f'{LM}batch_size=0 is not a positive integer, "auto" or "auto:N"'),
     Case("lm_eval: malformed --metadata JSON", ("lm_eval", "--model", "pi_llama", "--model_args", f"pretrained={TOY}",
          "--tasks", "local_ppl", "--metadata", '{{"stride": x}}'), 1,
-         f'{LM}Invalid JSON: {{"stride": x}}. Hint: Use double quotes for JSON strings.'),
+         LM + 'Invalid JSON: {{"stride": x}}. Hint: Use double quotes for JSON strings.'),
     Case("lm_eval: a misspelt metadata key", lm_eval("", '"max_doc_token": 512'), 1,
          f"{LM}local_ppl: unknown metadata key(s) 'max_doc_token': did you mean 'max_doc_tokens'?"),
     Case("lm_eval: strid for stride", lm_eval("", '"strid": 64'), 1,
