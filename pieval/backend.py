@@ -246,19 +246,15 @@ def check_batch_sizes(kwargs: dict) -> None:
 def unknown_model_arg(error: TypeError) -> UserError | None:
     """A UserError naming a model_arg that no one takes (from_pretrained's TypeError), else None."""
     import difflib
-    import inspect
     import re
+
+    from pieval.task_settings import arguments_of
 
     match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
     if not match:
         return None
     name = match.group(1)
-    known = set()
-    for klass in PILlama.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            known |= {p for p in inspect.signature(init).parameters if p not in ("self", "kwargs", "args")}
-    near = difflib.get_close_matches(name, sorted(known), n=1)
+    near = difflib.get_close_matches(name, sorted(arguments_of(PILlama) - {"args", "kwargs"}), n=1)
     hint = f"did you mean {near[0]}?" if near else "remove it"
     return UserError(
         f"model_arg {name}= is an argument of neither pi_llama, lm-eval's hf model nor the model's "

@@ -144,7 +144,8 @@ def other_model_arguments() -> frozenset[str]:
     return frozenset(names)
 
 
-def _arguments(model_class: type) -> set[str]:
+def arguments_of(model_class: type) -> set[str]:
+    """The keyword arguments an lm-eval model class takes: its constructors' and model/tokenizer builders'."""
     names = set()
     for klass in model_class.__mro__:
         for method in ("__init__", "_create_model", "_create_tokenizer"):
@@ -171,7 +172,7 @@ def model_arguments() -> frozenset[str]:
     pieval.lmeval.register_model()
     names = set(FROM_PRETRAINED_KWARGS)
     for model in MODELS:
-        names |= _arguments(get_model(model))
+        names |= arguments_of(get_model(model))
     return frozenset(names)
 
 
