@@ -59,7 +59,10 @@ class PILlama(SlidingWindowMixin, HFLM):
         else:  # pretrained=path/to/model.gguf stands for pretrained=path/to,gguf_file=model.gguf
             pretrained, gguf_file = gguf.split(pretrained, gguf_file)
         self._gguf_file = gguf_file
+        if isinstance(pretrained, str) and kwargs.get("tp_plan") is None:
+            join_cpu_process_group()
         super().__init__(pretrained, max_length=max_length, gguf_file=gguf_file, **kwargs)
+        self._adopt_process_group()
         start = self.window_start_token()
         if not start["is_bos"]:
             log.warning(
@@ -76,6 +79,25 @@ class PILlama(SlidingWindowMixin, HFLM):
                 max_length,
                 self.rope.context_length,
             )
+
+    def _adopt_process_group(self) -> None:
+        """Split the documents over the processes of ``torchrun``/``accelerate launch`` on CPU too.
+
+        HFLM creates the Accelerator (and with it the gloo process group) on any device, but takes
+        its rank and world size only when it counts more than one GPU: on CPU every process then
+        evaluated every document as rank 0. Here they come from the same Accelerator, so lm-eval's
+        own sharding, padding and gathering (``all_gather``, ``gather_object``, ``barrier``) run as
+        on GPUs. The global ``process_index`` (HFLM takes the local one) keeps nodes apart.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is None or accelerator.num_processes <= 1 or self.world_size > 1:
+            return
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if self._rank == 0:
+            log.info(
+                "%d processes (%s, %s backend): lm-eval splits the documents over them",
+                self._world_size, accelerator.distributed_type, accelerator.state.backend,
+            )  # fmt: skip
 
     # lm-eval's CLI passes --device (default "cuda:0") and --batch_size (default 1) beside
     # --model_args, and the stock LM.create_from_* fail with a duplicate-keyword TypeError
@@ -222,6 +244,23 @@ class PILlama(SlidingWindowMixin, HFLM):
         if recorded:
             info["pieval"]["finetune"] = recorded
         return info
+
+
+def join_cpu_process_group() -> None:
+    """Under ``torchrun`` on a machine without an accelerator, form accelerate's gloo group.
+
+    accelerate sets up a CPU group only when told to (``ACCELERATE_USE_CPU=1``, which ``accelerate
+    launch --cpu`` sets); without it HFLM's Accelerator sees one process and every rank evaluates
+    every document. Initialising accelerate's shared ``PartialState(cpu=True)`` first makes the
+    Accelerator HFLM creates join the group, as ``accelerate launch --cpu`` would.
+    """
+    import os
+
+    import torch
+    from accelerate import PartialState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        PartialState(cpu=True)
 
 
 def check_batch_sizes(kwargs: dict) -> None:

@@ -65,7 +65,12 @@ class SlidingWindowMixin:
     def loglikelihood_sliding(self, requests, disable_tqdm: bool = False) -> list[dict]:
         by_config: dict[str, list[int]] = defaultdict(list)
         configs: dict[str, SlidingWindowConfig] = {}
+        # In a multi-process run lm-eval evens out the ranks' shares by repeating one Instance
+        # (``numpad``); a repeat is answered with its first occurrence's result, not scored again.
+        first: dict[int, int] = {}
         for i, req in enumerate(requests):
+            if first.setdefault(id(req), i) != i:
+                continue
             _, spec = req.args
             key = repr(sorted(spec.items()))
             configs.setdefault(key, SlidingWindowConfig.from_request(spec))
@@ -88,8 +93,9 @@ class SlidingWindowMixin:
         batch_size = self._detect_batch_size() if self.batch_size == "auto" else int(self.batch_size)
         bos = self.prefix_token_id
         self._sliding_check_model(bos)
-        if self.rank == 0:
-            log.info("sliding-window perplexity: %s", plan_summary(jobs))
+        # every process says what it scores: its share of the documents in a multi-process run
+        where = f" (process {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+        log.info("sliding-window perplexity%s: %s", where, plan_summary(jobs))
         results: list[dict | None] = [None] * len(requests)
         bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} windows [{elapsed}<{remaining}]"
         with tqdm(total=n_windows, desc="Sliding windows", bar_format=bar_format, disable=disable_tqdm or self.rank != 0) as bar:
@@ -105,7 +111,7 @@ class SlidingWindowMixin:
                 for j, (i, (_, doc)) in enumerate(zip(indices, encoded, strict=True)):
                     doc.windows = {str(w): per_window[w][j] for w in windows}
                     results[i] = asdict(doc)
-        return results
+        return [results[first[id(req)]] for req in requests]
 
     def _sliding_base_window(self) -> int:
         from pieval.rope import base_window
