@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 
 import pieval
+from accelerate import PartialState
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
-from pieval import facts, gguf, loading, rope
+from pieval import distributed, facts, gguf, loading, rope
 from pieval.errors import UserError
 from pieval.sliding_window_lm import SlidingWindowMixin
 
@@ -59,8 +60,9 @@ class PILlama(SlidingWindowMixin, HFLM):
         else:  # pretrained=path/to/model.gguf stands for pretrained=path/to,gguf_file=model.gguf
             pretrained, gguf_file = gguf.split(pretrained, gguf_file)
         self._gguf_file = gguf_file
-        if isinstance(pretrained, str) and kwargs.get("tp_plan") is None:
-            join_cpu_process_group()
+        if isinstance(pretrained, str) and kwargs.get("tp_plan") is None and distributed.several_cpu_processes():
+            # HFLM's Accelerator then joins this gloo group, as with ACCELERATE_USE_CPU=1
+            PartialState(cpu=True)
         super().__init__(pretrained, max_length=max_length, gguf_file=gguf_file, **kwargs)
         self._adopt_process_group()
         start = self.window_start_token()
@@ -244,23 +246,6 @@ class PILlama(SlidingWindowMixin, HFLM):
         if recorded:
             info["pieval"]["finetune"] = recorded
         return info
-
-
-def join_cpu_process_group() -> None:
-    """Under ``torchrun`` on a machine without an accelerator, form accelerate's gloo group.
-
-    accelerate sets up a CPU group only when told to (``ACCELERATE_USE_CPU=1``, which ``accelerate
-    launch --cpu`` sets); without it HFLM's Accelerator sees one process and every rank evaluates
-    every document. Initialising accelerate's shared ``PartialState(cpu=True)`` first makes the
-    Accelerator HFLM creates join the group, as ``accelerate launch --cpu`` would.
-    """
-    import os
-
-    import torch
-    from accelerate import PartialState
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        PartialState(cpu=True)
 
 
 def check_batch_sizes(kwargs: dict) -> None:

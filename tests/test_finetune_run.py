@@ -583,6 +583,19 @@ def test_two_cpu_processes_train_and_evaluate_like_one_and_resume(tiny_llama_dir
     assert row["metrics"]["local_ppl"]["token_ppl_1024"] == pytest.approx(single["metrics"]["local_ppl"]["token_ppl_1024"], rel=1e-6)
 
 
+def test_fsdp2_recipe_on_cpu_processes_is_refused_not_run_as_ddp(tiny_llama_dir, tmp_path):
+    """accelerate 1.16 turns FSDP on only for GPU-like process groups: on two CPU processes the
+    FSDP2 recipe would silently become DDP. The recipe, launched as a user would, is refused."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "models" / "recipes" / "fsdp2.yaml"),
+              "--num_processes", "2", "--mixed_precision", "no", "-m", "pieval"]  # fmt: skip
+    proc = subprocess.run([*launch, *tiny_args(tiny_llama_dir, tmp_path / "run", "--max-steps", "1")], env=ENV,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("pieval finetune: error:")]
+    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]  # one line from each process
+    assert "asks for FSDP (fsdp_version 2), but accelerate" in errors[0] and "MULTI_CPU" in errors[0]
+    assert not (tmp_path / "run" / "checkpoint-000001").exists()
+
+
 def test_default_data_is_the_pile_from_the_hub(tiny_llama_dir, tmp_path, capsys):
     argv = tiny_args(tiny_llama_dir, tmp_path / "o", "--max-steps", "1")
     del argv[argv.index("--data") : argv.index("--data") + 2]

@@ -212,10 +212,12 @@ class Run:
         locks ``--output`` (held in ``held``) and writes into it.
         """
         from accelerate import Accelerator, PartialState
-        from accelerate.utils import parse_flag_from_env, set_seed
+        from accelerate.utils import set_seed
 
-        # Honour `accelerate launch --cpu` (and ACCELERATE_USE_CPU=1 under torchrun): several CPU processes over gloo.
-        cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+        from pieval import distributed
+
+        # Honour `accelerate launch --cpu`, ACCELERATE_USE_CPU=1, and torchrun on a CPU-only machine: gloo.
+        cpu = distributed.use_cpu_group()
         procs = PartialState(cpu=cpu, timeout=timedelta(minutes=config.barrier_timeout_min)).num_processes
         if config.global_batch % (config.micro_batch * procs):
             raise UserError(
@@ -230,6 +232,7 @@ class Run:
             log_with=_tracker(config.log_with),
             project_dir=str(Path(config.output).expanduser() / "logs"),
         )
+        distributed.refuse_ignored_fsdp(accelerator)
         run = cls(config, accelerator, procs)
         if accelerator.is_main_process:
             lock = held.enter_context(OutputLock(run.output, _command(config), option="--output"))
