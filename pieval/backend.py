@@ -95,10 +95,10 @@ class PILlama(SlidingWindowMixin, HFLM):
         if accelerator is None or accelerator.num_processes <= 1 or self.world_size > 1:
             return
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        if self._rank == 0:
-            log.info(
-                "%d processes (%s, %s backend): lm-eval splits the documents over them",
-                self._world_size, accelerator.distributed_type, accelerator.state.backend,
+        if self._rank == 0:  # under lm-eval's logger, so that its CLI shows the line
+            logging.getLogger("lm_eval.pieval").info(
+                "%d processes (%s, %s): lm-eval splits the documents over them",
+                self._world_size, accelerator.distributed_type.value, accelerator.state.backend,
             )  # fmt: skip
 
     # lm-eval's CLI passes --device (default "cuda:0") and --batch_size (default 1) beside
