@@ -85,7 +85,8 @@ class PILlama(SlidingWindowMixin, HFLM):
     def _adopt_process_group(self) -> None:
         """Split the documents over the processes of ``torchrun``/``accelerate launch`` on CPU too.
 
-        HFLM creates the Accelerator (and with it the gloo process group) on any device, but takes
+        HFLM creates an Accelerator on any device (on CPU it joins the gloo group once accelerate's
+        state is a CPU one: ACCELERATE_USE_CPU=1, or the PartialState made in __init__), but takes
         its rank and world size only when it counts more than one GPU: on CPU every process then
         evaluated every document as rank 0. Here they come from the same Accelerator, so lm-eval's
         own sharding, padding and gathering (``all_gather``, ``gather_object``, ``barrier``) run as
