@@ -10,20 +10,30 @@ positions and under PI. Cheap on purpose (a few keys per distance); `make demo` 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-HEAD = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-    "I will quiz you about the important information there."
-)
-FILL = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def _train_module():
+    """The reference model's train.py: its passkey wording, one copy for the trials and its probes."""
+    spec = importlib.util.spec_from_file_location("kjv_train_probe", REPO / "models/kjv-llama-tiny/train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_TRAIN = _train_module()
+HEAD, FILL = _TRAIN.PASSKEY_HEAD, _TRAIN.PASSKEY_FILL
 
 
 def prompt(tok, key: int, length: int, distance: int) -> list[int]:
