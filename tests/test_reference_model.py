@@ -173,3 +173,33 @@ def test_finetune_mix_is_remade_byte_for_byte(tmp_path):
         check=True, capture_output=True, cwd=REPO,
     )
     assert out.read_bytes() == (REPO / "models/corpus/kjv/finetune_mix_1024.jsonl.gz").read_bytes()
+
+
+def test_position_scales_run_the_step_as_transformers_linear_rope():
+    """A recipe step at scale s (train.py's ``position_scales``) is the model under transformers'
+    own linear rope with factor s, i.e. what PI feeds it; without scales every step is at s = 1."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    spec = importlib.util.spec_from_file_location("kjv_train_scales", REF_MODEL / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+    recipe = train.Recipe.load(REPO / "models/kjv-llama-tiny-recall/recipe.yaml")
+    stage = recipe.stages[0]
+    scales = [train.position_scale(recipe, stage, step) for step in range(60)]
+    assert set(scales) == {1.0, 2.0, 4.0}
+    assert scales == [train.position_scale(recipe, stage, step) for step in range(60)]
+    unscaled = train.Recipe.load(REF_MODEL / "recipe.yaml")
+    assert {train.position_scale(unscaled, unscaled.stage(s), s) for s in range(0, 10000, 97)} == {1.0}
+
+    model = AutoModelForCausalLM.from_pretrained(REF_MODEL).eval()
+    config = model.config.to_dict() | {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}
+    linear = LlamaForCausalLM(type(model.config).from_dict(config)).eval()
+    linear.load_state_dict(model.state_dict())
+    rotary = model.model.rotary_emb
+    rotary.inv_freq.copy_(rotary.inv_freq / 4.0)  # what train.py does for a step at s = 4
+    ids = torch.randint(3, 2048, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, linear(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -52,6 +52,9 @@ class Stage:
     batch_size: int
     mix: dict[str, float]
     repeat_max: float = 0.5  # longest random_repeat segment, as a fraction of the window
+    # Rotary position scales s -> weight, one drawn per step: the step runs at positions m / s,
+    # what PI with factor s feeds the model, so interpolated positions are not foreign to it.
+    position_scales: dict[float, float] | None = None
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Recipe:
     seed: int = 1234
     threads: int = 2
     corpus: str = "models/corpus/kjv/train.jsonl.gz"
+    init_from: str | None = None  # a model folder (repo-relative) whose weights and tokenizer the run continues
     vocab_size: int = 2048
     window: int = 256
     hidden_size: int = 128
@@ -335,6 +339,14 @@ def lr_at(r: Recipe, step: int) -> float:
     return r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def position_scale(r: Recipe, stage: Stage, step: int) -> float:
+    """The step's rotary scale, from its own rng so the batches are those of an unscaled run."""
+    if not stage.position_scales:
+        return 1.0
+    rng = random.Random(f"position-scale:{r.seed}:{step}")
+    return float(rng.choices(list(stage.position_scales), list(stage.position_scales.values()))[0])
+
+
 def build_model(r: Recipe, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -365,8 +377,11 @@ def train(r: Recipe, out: Path, max_steps: int | None = None, device: str = "cpu
     torch.manual_seed(r.seed)
     books = load_books(REPO / r.corpus)
     tok_dir = out / "tokenizer_build"
+    init = REPO / r.init_from if r.init_from else None
     if (out / "tokenizer.json").exists():
         tok = PreTrainedTokenizerFast.from_pretrained(out)
+    elif init is not None:
+        tok = PreTrainedTokenizerFast.from_pretrained(init)
     elif tok_dir.exists():
         tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     else:
@@ -378,7 +393,12 @@ def train(r: Recipe, out: Path, max_steps: int | None = None, device: str = "cpu
         for p in sorted((REPO / "models/corpus/kjv/heldout").glob("*.txt"))
     ]
     mixture = Mixture(encoded, tok)
-    model = build_model(r, tok).to(device)
+    model = build_model(r, tok)
+    if init is not None:
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(init).state_dict())
+    model.to(device)
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.clone()  # not saved with the weights: rebuilt from the config on load
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.95), weight_decay=r.weight_decay)
     state_path, step = out / "state.pt", 0
     if state_path.exists():
@@ -393,7 +413,11 @@ def train(r: Recipe, out: Path, max_steps: int | None = None, device: str = "cpu
     t0 = time.time()
     while step < stop:
         model.train()
-        ids = mixture.batch(random.Random(r.seed * 1_000_003 + step), r.stage(step)).to(device)
+        stage = r.stage(step)
+        ids = mixture.batch(random.Random(r.seed * 1_000_003 + step), stage).to(device)
+        scale = position_scale(r, stage, step)
+        if stage.position_scales:
+            rotary.inv_freq.copy_(inv_freq / scale)
         for group in opt.param_groups:
             group["lr"] = lr_at(r, step)
         loss = model(input_ids=ids, labels=ids).loss
@@ -401,10 +425,13 @@ def train(r: Recipe, out: Path, max_steps: int | None = None, device: str = "cpu
         torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        rotary.inv_freq.copy_(inv_freq)  # probes and checkpoints see the model's own positions
         step += 1
         if step % r.log_every == 0 or step == 1:
             rec = {"step": step, "window": ids.shape[1], "loss": loss.item(), "lr": lr_at(r, step - 1),
                    "elapsed_s": round(time.time() - t0, 1)}
+            if stage.position_scales:
+                rec["position_scale"] = scale
             if step % r.probe_every == 0 or step == r.steps:
                 model.eval()
                 rec["random_copy_loss"] = random_copy_loss(model, mixture.vocab, tok.bos_token_id)
