@@ -235,7 +235,7 @@ class PILlama(SlidingWindowMixin, HFLM):
             "context_length": self.rope.context_length,
             "max_length": self.max_length,
             "theta": self.rope.theta,
-            "rope_parameters": dict(rope.rope_parameters(model.config)),
+            "rope_parameters": _recorded_rope(model.config),
             "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "pretrained": self.pretrained if isinstance(self.pretrained, str) else type(self.pretrained).__name__,
@@ -247,6 +247,12 @@ class PILlama(SlidingWindowMixin, HFLM):
         if recorded:
             info["pieval"]["finetune"] = recorded
         return info
+
+
+def _recorded_rope(config) -> dict:
+    """The model's rope_parameters as built: one dict, or one per layer type (Gemma 3)."""
+    layers = rope.layer_rope_parameters(config)
+    return dict(layers[None]) if None in layers else {k: dict(v) for k, v in layers.items()}
 
 
 def check_batch_sizes(kwargs: dict) -> None:

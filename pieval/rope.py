@@ -62,22 +62,45 @@ class RopeSpec:
 # reading a checkpoint config
 
 
-def rope_parameters(config) -> dict[str, Any]:
-    """The flat ``rope_parameters`` dict of a RoPE config; UserError for anything else."""
+GLOBAL_LAYERS = "full_attention"  # the layer type a per-layer-type rope extends (Gemma 3's global layers)
+
+
+def layer_rope_parameters(config) -> dict[str | None, dict[str, Any]]:
+    """Every RoPE of a config by layer type: ``{None: params}`` for one RoPE shared by all layers.
+
+    Gemma 3 keeps one ``rope_parameters`` entry per ``layer_types`` value (``full_attention``,
+    ``sliding_attention``), each with its own base and scaling.
+    """
     params = getattr(config, "rope_parameters", None)
     name = getattr(config, "_name_or_path", "") or type(config).__name__
+    family = getattr(config, "model_type", "?")
+    if params and "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
+        if GLOBAL_LAYERS not in params or not all("rope_type" in v for v in params.values()):
+            raise UserError(
+                f"checkpoint {name!r} (model_type={family!r}) has per-layer rope_parameters {sorted(params)} "
+                f"without a {GLOBAL_LAYERS!r} entry: pieval extends the global layers' RoPE and cannot tell "
+                "which those are; evaluate this model with lm-eval's `hf` model"
+            )
+        return dict(params)
     if not params or "rope_type" not in params:
         raise UserError(
-            f"checkpoint {name!r} (model_type={getattr(config, 'model_type', '?')!r}) has no rotary "
+            f"checkpoint {name!r} (model_type={family!r}) has no rotary "
             "position embedding (no rope_parameters in its config): Position Interpolation needs a "
             "RoPE model such as LLaMA; use lm-eval's `hf` model for other architectures"
         )
-    if not isinstance(params.get("rope_type"), str):
-        raise UserError(
-            f"checkpoint {name!r} has per-layer rope_parameters {sorted(params)}: pieval supports one "
-            "RoPE for all layers (LLaMA-style); evaluate this model with lm-eval's `hf` model"
-        )
-    return params
+    return {None: params}
+
+
+def rope_parameters(config) -> dict[str, Any]:
+    """The ``rope_parameters`` the extension acts on: the only one, or the global layers' one.
+
+    For a per-layer-type config (Gemma 3) an extension rescales the ``full_attention`` layers'
+    RoPE and leaves the local (sliding-window) layers at their own base, as Gemma 3 itself
+    does with its linear factor 8 on the global layers: a sliding layer never sees a distance
+    beyond its window, so it needs no interpolation.
+    """
+    layers = layer_rope_parameters(config)
+    return layers.get(GLOBAL_LAYERS, layers.get(None))
 
 
 def base_window(config) -> int:
@@ -284,7 +307,11 @@ def _write(config, spec: RopeSpec) -> None:
     partial = rope_parameters(config).get("partial_rotary_factor")
     if partial is not None:
         params["partial_rotary_factor"] = partial
-    config.rope_parameters = params
+    layers = layer_rope_parameters(config)
+    if None in layers:
+        config.rope_parameters = params
+    else:  # per layer type: only the global layers are extended (see rope_parameters)
+        config.rope_parameters = {**layers, GLOBAL_LAYERS: params}
     config.max_position_embeddings = max_positions
 
 
@@ -317,24 +344,43 @@ def pi_tables(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def expected_rotary(config, spec: RopeSpec) -> tuple[torch.Tensor, float]:
+def expected_rotary(config, spec: RopeSpec, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq, attention_scaling) that a model built from ``config`` with ``spec`` must hold.
 
     PI and plain RoPE are computed here (base / s); the other methods by transformers'
-    own rope functions on a copy of the config with ``spec`` applied.
+    own rope functions on a copy of the config with ``spec`` applied. ``layer_type`` picks
+    one RoPE of a per-layer-type config (default: the one the extension acts on).
     """
     import torch
 
     built = copy.deepcopy(config)
     if spec.method != AS_SAVED:
         _write(built, spec)
-    params = rope_parameters(built)
+    layers = layer_rope_parameters(built)
+    if layer_type is None and None not in layers:
+        layer_type = GLOBAL_LAYERS
+    params = layers[layer_type]
     if params["rope_type"] in ("default", "linear"):
-        base = inv_freq(float(params["rope_theta"]), rotary_dim(built))
-        return base / float(params.get("factor", 1.0)), 1.0
+        dim = int(head_dim(built) * params.get("partial_rotary_factor", 1.0))
+        return inv_freq(float(params["rope_theta"]), dim) / float(params.get("factor", 1.0)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    return ROPE_INIT_FUNCTIONS[params["rope_type"]](built, device=torch.device("cpu"))
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    return ROPE_INIT_FUNCTIONS[params["rope_type"]](built, device=torch.device("cpu"), **kwargs)
+
+
+def rotary_buffers(model) -> list[tuple[str, str | None, Any]]:
+    """(module name, layer type, module) of every live inv_freq buffer (``{layer_type}_inv_freq`` per type)."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            found.append((name, None, module))
+        for layer_type in getattr(module, "layer_types", None) or ():
+            if isinstance(getattr(module, f"{layer_type}_inv_freq", None), torch.Tensor):
+                found.append((name, layer_type, module))
+    return found
 
 
 def verify(model, spec: RopeSpec) -> None:
@@ -345,29 +391,32 @@ def verify(model, spec: RopeSpec) -> None:
     """
     import torch
 
-    rotary = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    rotary = rotary_buffers(model)
     if not rotary:
         raise RopeMismatchError(
-            f"{type(model).__name__} has no rotary module with an inv_freq buffer: pieval extends RoPE models"
+            f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', '?')}) has no rotary "
+            "module with an inv_freq buffer: pieval cannot check, so will not extend, its RoPE"
         )
     # for AS_SAVED apply() is a no-op, so this checks the model against the config it reports
-    expected, scaling = expected_rotary(model.config, spec)
-    for name, module in rotary:
-        live = module.inv_freq.detach().cpu()
+    for name, layer_type, module in rotary:
+        expected, scaling = expected_rotary(model.config, spec, layer_type)
+        prefix = f"{layer_type}_" if layer_type else ""
+        name = f"{name or 'model'}.{prefix}inv_freq"
+        live = getattr(module, f"{prefix}inv_freq").detach().cpu()
         want = expected.to(live.dtype)
         rtol = 1e-6 if live.dtype == torch.float32 else torch.finfo(live.dtype).eps
         if live.shape != want.shape or not torch.allclose(live.float(), want.float(), rtol=rtol, atol=0.0):
             ratio = (want.float() / live.float()).median().item() if live.shape == want.shape else float("nan")
             raise RopeMismatchError(
-                f"{name or 'model'}.inv_freq does not match rope_method={spec.method} factor={spec.factor:g} "
+                f"{name} does not match rope_method={spec.method} factor={spec.factor:g} "
                 f"(expected/live frequency ratio {ratio:.4g}): the rope scaling was not in the config when "
                 "the model was built (transformers reads it once, at build; editing model.config afterwards "
                 "does nothing). Load through pieval.backend.PILlama, or call pieval.rope.apply(config, spec) "
                 "and pass that config to from_pretrained"
             )
-        live_scaling = float(getattr(module, "attention_scaling", 1.0))
+        live_scaling = float(getattr(module, f"{prefix}attention_scaling", 1.0))
         if not math.isclose(live_scaling, float(scaling), rel_tol=1e-6):
             raise RopeMismatchError(
-                f"{name}.attention_scaling is {live_scaling:g}, expected {float(scaling):g} for "
+                f"{name}: attention_scaling is {live_scaling:g}, expected {float(scaling):g} for "
                 f"rope_method={spec.method} factor={spec.factor:g}: the model was built from another rope config"
             )

@@ -1,0 +1,222 @@
+"""pi_llama on every RoPE family it claims: tiny random checkpoints built here, checked against plain transformers.
+
+For each family: the live inv_freq check passes (every rotary module, per layer type), max_length
+is L', and sliding-window perplexity at W = 2L with PI 2x equals a full-logit brute force on a
+plain transformers model given the same rope_parameters, written here independently of pieval.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REF_MODEL
+from test_perplexity import brute_force, token_ppl
+
+from pieval import info, loading, rope
+from pieval.errors import UserError
+from pieval.perplexity_metrics import doc_metrics, exp_ratio
+
+L = 32  # the tiny checkpoints' base window
+S = 2  # PI factor: W = 2L
+REL = 1e-5
+
+_COMMON = dict(
+    vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=L, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+_GEMMA = dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+
+# family -> (config class, its own fields); sliding windows (16) are shorter than W = 64
+FAMILIES = {
+    "llama": ("LlamaConfig", {"rope_parameters": _ROPE}),
+    "mistral": ("MistralConfig", {"rope_parameters": _ROPE, "sliding_window": 16}),
+    "qwen2": ("Qwen2Config", {"rope_parameters": _ROPE}),
+    "qwen3": ("Qwen3Config", {"rope_parameters": _ROPE, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"rope_parameters": _ROPE, **_GEMMA}),  # final_logit_softcapping 30
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            **_GEMMA,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "final_logit_softcapping": 30.0,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        },
+    ),
+    "phi3": ("Phi3Config", {"rope_parameters": {**_ROPE, "partial_rotary_factor": 0.5}}),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25, "rope_parameters": dict(_ROPE)}),
+    "olmo2": ("Olmo2Config", {"rope_parameters": _ROPE}),
+}
+
+
+def make_config(family: str, **override):
+    import transformers
+
+    cls, fields = FAMILIES[family]
+    return getattr(transformers, cls)(**{**_COMMON, **copy.deepcopy(fields), **override})
+
+
+def save_tiny(config, out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(REF_MODEL).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = save_tiny(make_config(family), tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return get
+
+
+def pi_reference(path):
+    """A plain transformers model with PI 2x written into rope_parameters here (global layers only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    params = config.rope_parameters
+    linear = lambda p: {**p, "rope_type": "linear", "factor": float(S)}  # noqa: E731
+    if "full_attention" in params:  # Gemma 3: the global layers interpolate, the local ones keep their base
+        config.rope_parameters = {**params, "full_attention": linear(params["full_attention"])}
+    else:
+        config.rope_parameters = linear(params)
+    config.max_position_embeddings = S * L
+    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
+
+
+def pi_lm(path, **args):
+    from pieval.backend import PILlama
+
+    return PILlama(pretrained=str(path), device="cpu", batch_size=2, dtype="float32", **args)
+
+
+def sliding_request(text, window, stride):
+    from lm_eval.api.instance import Instance
+
+    from pieval.perplexity import SlidingWindowConfig
+    from pieval.sliding_window_lm import REQUEST_TYPE
+
+    spec = SlidingWindowConfig(windows=(window,), stride=stride).to_request()
+    return Instance(request_type=REQUEST_TYPE, doc={}, arguments=(text, spec), idx=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pi_2x_sliding_window_matches_brute_force(family, checkpoints, heldout_dir):
+    path = checkpoints(family)
+    lm = pi_lm(path, scaling_factor=S)  # builds, then checks every rotary module's inv_freq
+    assert (lm.rope.factor, lm.rope.base_window, lm.max_length) == (S, L, S * L)
+    rope.verify(lm.model, lm.rope)
+    layer_types = {t for _, t, _ in rope.rotary_buffers(lm.model)}
+    if family == "gemma3":
+        assert layer_types == {"full_attention", "sliding_attention"}
+        live = lm.model.model.rotary_emb
+        assert torch.equal(live.full_attention_inv_freq, rope.inv_freq(1e6, 16) / S)  # global layers: PI
+        assert torch.equal(live.sliding_attention_inv_freq, rope.inv_freq(1e4, 16))  # local layers: as saved
+
+    text = sorted(heldout_dir.glob("*.txt"))[0].read_text()[:700]
+    window, stride = S * L, L // 2
+    [result] = lm.loglikelihood_sliding([sliding_request(text, window, stride)])
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2 * window  # positions past L are scored
+    reference = brute_force(pi_reference(path), [ids], window, stride, lm.prefix_token_id)
+    assert exp_ratio([doc_metrics(result)[f"token_ppl_{window}"]]) == pytest.approx(token_ppl(reference), rel=REL)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_info_reports_base_window_and_factor(family, checkpoints):
+    path = checkpoints(family)
+    described = info.describe(loading.read_config(loading.Source.of(str(path))))
+    assert (described["base_window"], described["factor"], described["context_length"]) == (L, 1.0, L)
+
+
+def test_unscaled_run_is_refused_when_rotary_cannot_be_checked(checkpoints):
+    """A model whose inv_freq pieval cannot find is an error, never a silent unscaled run."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoints("llama"))
+    del model.model.rotary_emb.inv_freq
+    with pytest.raises(rope.RopeMismatchError, match="model_type=llama.*cannot check"):
+        rope.verify(model, rope.resolve(model.config))
+
+
+def test_per_layer_rope_without_global_layers_is_one_line_error():
+    config = make_config("gemma3")
+    config.rope_parameters = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    with pytest.raises(UserError, match="model_type='gemma3_text'.*full_attention"):
+        rope.resolve(config, scaling_factor=2)
+
+
+# ------------------------------------------------------------------ checkpoints saved with a scaling
+
+
+SAVED = {
+    # Llama 3.1's rope: factor 8 over an original window of 8192 (here 32 -> 256)
+    "llama3": ("llama", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": L}, 8 * L),
+    # Qwen2.5's yarn: factor 4 over 32768 (here 32 -> 128)
+    "yarn": ("qwen2", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": L},
+             4 * L),
+    # Phi-3-128k's longrope: factor = max_position_embeddings / original (here 128 / 32), lists of rotary_dim/2
+    "longrope": ("phi3", {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                          "short_factor": [1.0 + i / 10 for i in range(4)], "long_factor": [2.0 + i for i in range(4)],
+                          "original_max_position_embeddings": L}, 4 * L),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(SAVED))
+def test_saved_scaling_is_read_and_checked(kind, tmp_path):
+    family, params, max_positions = SAVED[kind]
+    extra = {"original_max_position_embeddings": L} if family == "phi3" else {}  # Phi-3 keeps it top-level
+    config = make_config(family, rope_parameters=params, max_position_embeddings=max_positions, **extra)
+    path = save_tiny(config, tmp_path)
+    described = info.describe(loading.read_config(loading.Source.of(str(path))))
+    factor = max_positions / L
+    assert (described["rope_type"], described["base_window"], described["factor"]) == (kind, L, factor)
+    lm = pi_lm(path)  # as saved: the live rotary is checked against transformers' own function
+    assert (lm.rope.method, lm.max_length) == (rope.AS_SAVED, max_positions)
+    # a new factor is relative to the base window L, never to the saved L' (rope.py's rule)
+    again = rope.resolve(lm.model.config, scaling_factor=2 * factor, rope_method="pi")
+    assert (again.factor, again.context_length) == (2 * factor, round(2 * factor * L))
+
+
+def test_lm_eval_cli_on_gemma3_matches_brute_force(checkpoints, heldout_dir, tmp_path):
+    """The real lm_eval CLI on Gemma 3 (per-layer-type rope, soft-capped logits) with PI 2x."""
+    path = checkpoints("gemma3")
+    text = sorted(heldout_dir.glob("*.txt"))[0].read_text()[:700]
+    (tmp_path / "doc.txt").write_text(text)
+    window, stride = S * L, L // 2
+    metadata = {"data_path": str(tmp_path / "doc.txt"), "windows": [window], "stride": stride}
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "pi_llama",
+        "--model_args", f"pretrained={path},scaling_factor={S},dtype=float32",
+        "--tasks", "local_ppl", "--device", "cpu", "--output_path", str(tmp_path / "out"),
+        "--metadata", json.dumps(metadata),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert data["config"]["pieval"]["rope_parameters"]["full_attention"]["rope_type"] == "linear"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    reference = brute_force(pi_reference(path), [ids], window, stride, tok.bos_token_id)
+    assert data["results"]["local_ppl"][f"token_ppl_{window},none"] == pytest.approx(token_ppl(reference), rel=REL)
