@@ -18,6 +18,16 @@ positions: its spec is factor 1 (no interpolation), base window 256, context len
 the one case where context_length is not round(s·L). ``scaling_factor=s`` on it still means
 s relative to L = 256 (s = 4 interpolates positions m/4 in a window of 1024).
 
+Families: any config whose ``rope_parameters`` is one dict (Llama, Mistral, Qwen2/3, Gemma 2,
+Phi-3 and GPT-NeoX with ``partial_rotary_factor``, OLMo 2) or one dict per layer type (Gemma 3);
+for the latter an extension rescales the ``full_attention`` layers only (`rope_parameters`).
+
+Composition: a checkpoint saved with a scaling (``llama3``, ``yarn``, ``longrope``: L is
+``original_max_position_embeddings``; ``linear``: L = max_position_embeddings / factor) has
+base window L and factor L'/L. A new request s *replaces* the saved scaling, with s relative
+to L (not multiplied by the saved factor): asking a Llama 3.1 (L = 8192, llama3 8x) for
+``scaling_factor=16`` gives PI with L' = 131072 and positions m/16.
+
 Each method is one entry of `METHODS` (builder, the transformers rope_type it runs, its
 leaderboard label, a help line), as transformers keeps ``ROPE_INIT_FUNCTIONS``.
 """

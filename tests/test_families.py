@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 from conftest import REF_MODEL
+from test_flash_rotary import flash_on_cpu  # noqa: F401  (fixture: flash wiring faked on CPU)
 from test_perplexity import brute_force, token_ppl
 
 from pieval import info, loading, rope
@@ -192,8 +193,12 @@ def test_saved_scaling_is_read_and_checked(kind, tmp_path):
     lm = pi_lm(path)  # as saved: the live rotary is checked against transformers' own function
     assert (lm.rope.method, lm.max_length) == (rope.AS_SAVED, max_positions)
     # a new factor is relative to the base window L, never to the saved L' (rope.py's rule)
-    again = rope.resolve(lm.model.config, scaling_factor=2 * factor, rope_method="pi")
-    assert (again.factor, again.context_length) == (2 * factor, round(2 * factor * L))
+    # and replaces the saved scaling (rope.py's composition rule): PI at 2x the saved factor
+    again = pi_lm(path, scaling_factor=2 * factor)  # built, and its live inv_freq checked
+    assert (again.rope.factor, again.max_length) == (2 * factor, round(2 * factor * L))
+    assert again.get_model_info()["pieval"]["rope_parameters"]["rope_type"] == "linear"
+    want = rope.inv_freq(params["rope_theta"], rope.rotary_dim(lm.model.config)) / (2 * factor)
+    torch.testing.assert_close(again.model.model.rotary_emb.inv_freq, want, rtol=1e-6, atol=0)
 
 
 def test_lm_eval_cli_on_gemma3_matches_brute_force(checkpoints, heldout_dir, tmp_path):
@@ -220,3 +225,19 @@ def test_lm_eval_cli_on_gemma3_matches_brute_force(checkpoints, heldout_dir, tmp
     ids = tok(text, add_special_tokens=False)["input_ids"]
     reference = brute_force(pi_reference(path), [ids], window, stride, tok.bos_token_id)
     assert data["results"]["local_ppl"][f"token_ppl_{window},none"] == pytest.approx(token_ppl(reference), rel=REL)
+
+
+# ------------------------------------------------------------------ flash_attention_2 on other families
+
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])  # llama: the fused path, test_flash_rotary
+def test_flash_attention_falls_back_to_stock_rotary(family, checkpoints, flash_on_cpu, caplog):
+    path = checkpoints(family)
+    lm = pi_lm(path, scaling_factor=S, attn_implementation="flash_attention_2")
+    assert flash_on_cpu == [{}]  # nothing patched: transformers' own attention and rotary
+    assert f"model_type={lm.model.config.model_type}" in caplog.text and "rotary in transformers' torch code" in caplog.text
+    ids = torch.randint(3, 2048, (2, S * L), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = lm.model(ids).logits, pi_reference(path)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
