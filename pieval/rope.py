@@ -66,6 +66,7 @@ class RopeSpec:
     base_window: int  # L, the window the checkpoint was pre-trained on
     context_length: int  # L' = round(s·L); as saved, a direct fine-tune's trained window
     theta: float  # the checkpoint's rope_theta (kept; "ntk" derives its own from it)
+    options: tuple[tuple[str, Any], ...] = ()  # the method's knobs (`KNOBS`), sorted (key, value) pairs
 
 
 # ---------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def method_name(rope_method) -> str:
     return _ALIASES.get(method, method)
 
 
-def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") -> RopeSpec:
+def resolve(config, scaling_factor=None, context_length=None, rope_method="pi", options=None) -> RopeSpec:
     """The extension asked for by the ``pi_llama`` model_args, checked against ``config``.
 
     No factor and no context_length = the checkpoint as saved (method `AS_SAVED`): a base
@@ -208,7 +209,11 @@ def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") 
     given_s = None if scaling_factor is None else _number("scaling_factor", scaling_factor)
     given_len = None if context_length is None else _number("context_length", context_length)
 
+    if options and method == AS_SAVED:
+        raise UserError(f"rope knobs {sorted(options)} need a rope_method (one of {', '.join(METHODS)})")
     if given_s is None and given_len is None:
+        if options:
+            raise UserError(f"rope knobs {sorted(options)} need scaling_factor=S or context_length=N")
         if method not in ("pi", AS_SAVED):
             raise UserError(
                 f"rope_method={method} needs scaling_factor=S or context_length=N: without them "
@@ -235,7 +240,7 @@ def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") 
             f"base window is L={L}, so s={given_s:g} means L'={round(given_s * L)}; pass only one of them"
         )
     s = given_s if given_s is not None else given_len / L
-    return RopeSpec(method, s, L, round(s * L), theta)
+    return RopeSpec(method, s, L, round(s * L), theta, check_options(method, options or {}, config))
 
 
 # ---------------------------------------------------------------------------
@@ -259,14 +264,93 @@ def _dynamic(spec: RopeSpec, config) -> tuple[dict, int]:
     return {"rope_type": "dynamic", "factor": spec.factor, "rope_theta": spec.theta}, spec.base_window
 
 
-def _yarn(spec: RopeSpec, config) -> tuple[dict, int]:
-    params = {
-        "rope_type": "yarn",
-        "factor": spec.factor,
-        "rope_theta": spec.theta,
-        "original_max_position_embeddings": spec.base_window,
-    }
-    return params, spec.context_length
+def _with_original(rope_type: str):
+    """A builder for the methods that record L as original_max_position_embeddings (yarn, llama3, longrope)."""
+
+    def build(spec: RopeSpec, config) -> tuple[dict, int]:
+        params = {
+            "rope_type": rope_type,
+            "factor": spec.factor,
+            "rope_theta": spec.theta,
+            "original_max_position_embeddings": spec.base_window,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.options},  # JSON-shaped
+        }
+        return params, spec.context_length
+
+    return build
+
+
+def _llama3(spec: RopeSpec, config) -> tuple[dict, int]:
+    params, length = _with_original("llama3")(spec, config)
+    # Llama 3.1's published values, when not given
+    return {"low_freq_factor": 1.0, "high_freq_factor": 4.0, **params}, length
+
+
+# ---------------------------------------------------------------------------
+# the methods' knobs: name -> (methods that take it, check); each check returns the value to store
+
+
+def _positive(key: str, value, config) -> float:
+    number = _number(key, value)
+    if number <= 0:
+        raise UserError(f"{key} must be > 0 (got {value!r})")
+    return number
+
+
+def _factor_list(key: str, value, config) -> tuple[float, ...]:
+    """longrope's per-frequency factors: rotary_dim/2 positive numbers (a JSON list, or a list)."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"{key} must be a JSON list of numbers (got {value!r})") from None
+    want = rotary_dim(config) // 2
+    if not isinstance(value, (list, tuple)) or len(value) != want:
+        got = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
+        raise UserError(f"{key} must list rotary_dim/2 = {want} factors, one per frequency (got {got})")
+    return tuple(_positive(f"{key}[{i}]", v, config) for i, v in enumerate(value))
+
+
+KNOBS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "beta_fast": (("yarn",), _positive),  # rotations above which frequencies are kept (default 32)
+    "beta_slow": (("yarn",), _positive),  # rotations below which frequencies are interpolated (default 1)
+    "attention_factor": (("yarn", "longrope"), _positive),  # cos/sin scaling (yarn: 0.1 ln s + 1)
+    "mscale": (("yarn",), _positive),
+    "mscale_all_dim": (("yarn",), _positive),
+    "low_freq_factor": (("llama3",), _positive),
+    "high_freq_factor": (("llama3",), _positive),
+    "short_factor": (("longrope",), _factor_list),
+    "long_factor": (("longrope",), _factor_list),
+}
+_REQUIRED = {"longrope": ("short_factor", "long_factor")}
+
+
+def check_options(method: str, options: dict, config) -> tuple[tuple[str, Any], ...]:
+    """The knobs of ``method``, each checked (UserError naming the key and its range)."""
+    taken = [k for k, (methods, _) in KNOBS.items() if method in methods]
+    for key in options:
+        if key not in KNOBS:
+            raise UserError(f"unknown rope knob {key!r}: the knobs are {', '.join(KNOBS)}")
+        if key not in taken:
+            raise UserError(
+                f"{key} is a knob of rope_method={'/'.join(KNOBS[key][0])}, not of {method}"
+                + (f" (its knobs: {', '.join(taken)})" if taken else " (it has none)")
+            )
+    missing = [k for k in _REQUIRED.get(method, ()) if k not in options]
+    if missing:
+        raise UserError(f"rope_method={method} needs {' and '.join(missing)} (lists of rotary_dim/2 factors)")
+    checked = {k: KNOBS[k][1](k, v, config) for k, v in options.items()}
+    if "beta_fast" in checked or "beta_slow" in checked:
+        fast, slow = checked.get("beta_fast", 32.0), checked.get("beta_slow", 1.0)
+        if fast <= slow:
+            raise UserError(f"beta_fast must be > beta_slow (got beta_fast={fast:g}, beta_slow={slow:g})")
+    if "low_freq_factor" in checked or "high_freq_factor" in checked:
+        low, high = checked.get("low_freq_factor", 1.0), checked.get("high_freq_factor", 4.0)
+        if low >= high:
+            raise UserError(f"low_freq_factor must be < high_freq_factor (got {low:g} >= {high:g})")
+    return tuple(sorted(checked.items()))
 
 
 @dataclass(frozen=True)
@@ -283,7 +367,9 @@ METHODS: dict[str, Method] = {
     "pi": Method(_linear, "linear", "PI", "Position Interpolation (Chen et al. 2023): positions m/s"),
     "ntk": Method(_ntk, "default", "ntk", "NTK-aware static base change (bloc97): theta * s^(d/(d-2))"),
     "dynamic": Method(_dynamic, "dynamic", "dynamic-ntk", "dynamic NTK: the base grows with the sequence length past L"),
-    "yarn": Method(_yarn, "yarn", "yarn", "YaRN (Peng et al. 2023)"),
+    "yarn": Method(_with_original("yarn"), "yarn", "yarn", "YaRN (Peng et al. 2023); knobs beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim"),
+    "llama3": Method(_llama3, "llama3", "llama3", "Llama 3.1's frequency-band scaling; knobs low_freq_factor, high_freq_factor"),
+    "longrope": Method(_with_original("longrope"), "longrope", "longrope", "LongRoPE (Phi-3): per-frequency factors; knobs short_factor, long_factor (lists), attention_factor"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -241,3 +242,160 @@ def test_flash_attention_falls_back_to_stock_rotary(family, checkpoints, flash_o
     with torch.no_grad():
         got, want = lm.model(ids).logits, pi_reference(path)(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ methods and their knobs
+
+KNOBBED = {  # method -> knobs given (each method built with them, checked against transformers)
+    "pi": {},
+    "ntk": {},
+    "dynamic": {},
+    "yarn": {"beta_fast": 16, "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.5},
+    "llama3": {"low_freq_factor": 2.0, "high_freq_factor": 8.0},
+    "longrope": {"short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7], "long_factor": [2.0] * 4 + [3.0] * 4},
+}
+
+
+def test_every_method_is_tested():
+    assert set(KNOBBED) == set(rope.METHODS)
+
+
+@pytest.mark.parametrize("method", list(KNOBBED))
+def test_method_with_knobs_matches_transformers(method, checkpoints):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    path = checkpoints("llama")
+    lm = pi_lm(path, scaling_factor=4, rope_method=method, **KNOBBED[method])  # the built model is verified
+    params = lm.get_model_info()["pieval"]["rope_parameters"]
+    assert params["rope_type"] == rope.METHODS[method].rope_type
+    assert {k: params[k] for k in KNOBBED[method]} == {k: v for k, v in KNOBBED[method].items()}
+    # transformers' own function on a config written here
+    config = AutoConfig.from_pretrained(path)
+    ntk_theta = 10000.0 * 4 ** (16 / 14)
+    config.rope_parameters = {
+        "pi": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+        "ntk": {"rope_type": "default", "rope_theta": ntk_theta},
+        "dynamic": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+    }.get(method, {"rope_type": method, "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": L,
+                   **KNOBBED[method]})  # fmt: skip
+    config.max_position_embeddings = L if method in ("ntk", "dynamic") else 4 * L
+    if method == "ntk":  # plain RoPE at another base: transformers registers no function for "default"
+        want, scaling = rope.inv_freq(ntk_theta, 16), 1.0
+    else:
+        want, scaling = ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, device=torch.device("cpu"))
+    live = lm.model.model.rotary_emb
+    torch.testing.assert_close(live.inv_freq, want, rtol=1e-6, atol=0)
+    assert live.attention_scaling == pytest.approx(scaling)
+
+
+def llama3_brute(f, s, L, low, high):
+    """Llama 3.1's band rule (Meta's reference code), float64: keep short wavelengths, divide long ones by s."""
+    out = []
+    for x in f:
+        wavelen = 2 * math.pi / x
+        if wavelen < L / high:
+            out.append(x)
+        elif wavelen > L / low:
+            out.append(x / s)
+        else:
+            smooth = (L / wavelen - low) / (high - low)
+            out.append((1 - smooth) * x / s + smooth * x)
+    return out
+
+
+def yarn_brute(f, s, L, d, base, beta_fast, beta_slow):
+    """YaRN's ramp (Peng et al. 2023, eq. 17-18), float64: interpolate below beta_slow rotations, keep above beta_fast."""
+    cd = lambda r: d * math.log(L / (r * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+    low, high = max(math.floor(cd(beta_fast)), 0), min(math.ceil(cd(beta_slow)), d - 1)
+    high = high + 0.001 if high == low else high
+    ramp = [min(max((j - low) / (high - low), 0.0), 1.0) for j in range(d // 2)]
+    return [x / s * r + x * (1 - r) for x, r in zip(f, ramp, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["pi", "ntk", "yarn", "llama3"])
+def test_closed_forms_match_a_float64_brute_force(method):
+    config = make_config("llama", max_position_embeddings=64)
+    d, base, s = 16, 10000.0, 4.0
+    f = [base ** (-2 * j / d) for j in range(d // 2)]
+    options = {"yarn": {"beta_fast": 16, "beta_slow": 2}, "llama3": {"low_freq_factor": 2.0, "high_freq_factor": 8.0}}
+    spec = rope.resolve(config, scaling_factor=s, rope_method=method, options=options.get(method))
+    got, scaling = rope.expected_rotary(config, spec)
+    want = {
+        "pi": [x / s for x in f],
+        "ntk": [(base * s ** (d / (d - 2))) ** (-2 * j / d) for j in range(d // 2)],
+        "yarn": yarn_brute(f, s, 64, d, base, 16, 2),
+        "llama3": llama3_brute(f, s, 64, 2.0, 8.0),
+    }[method]
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert scaling == pytest.approx(0.1 * math.log(s) + 1 if method == "yarn" else 1.0)
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("yarn", {"beta_fast": 1, "beta_slow": 4}, r"beta_fast must be > beta_slow \(got beta_fast=1, beta_slow=4\)"),
+        ("yarn", {"attention_factor": -1}, r"attention_factor must be > 0 \(got -1\)"),
+        ("llama3", {"low_freq_factor": 4, "high_freq_factor": 4}, r"low_freq_factor must be < high_freq_factor"),
+        ("longrope", {"short_factor": [1.0] * 3, "long_factor": [1.0] * 8}, r"short_factor must list rotary_dim/2 = 8"),
+        ("longrope", {"short_factor": [1.0] * 8}, r"rope_method=longrope needs long_factor"),
+        ("pi", {"beta_fast": 32}, r"beta_fast is a knob of rope_method=yarn, not of pi \(it has none\)"),
+    ],
+)
+def test_bad_knobs_are_one_line_errors(method, options, message):
+    with pytest.raises(UserError, match=message):
+        rope.resolve(make_config("llama"), scaling_factor=2, rope_method=method, options=options)
+
+
+def test_knobs_from_a_json_file_and_near_misses(checkpoints, tmp_path):
+    path = checkpoints("llama")
+    knobs = tmp_path / "longrope.json"
+    knobs.write_text(json.dumps({k: v for k, v in KNOBBED["longrope"].items()}))
+    lm = pi_lm(path, scaling_factor=4, rope_method="longrope", rope_parameters_file=str(knobs))
+    assert lm.get_model_info()["pieval"]["rope_parameters"]["long_factor"] == KNOBBED["longrope"]["long_factor"]
+    with pytest.raises(UserError, match="model_arg beta_fats= .*did you mean beta_fast"):
+        pi_lm(path, scaling_factor=4, rope_method="yarn", beta_fats=32)
+
+
+# ------------------------------------------------------------------ the other tasks and pieval finetune
+
+
+def test_finetune_on_gpt_neox_reloads_in_plain_transformers(checkpoints, tmp_path):
+    """`pieval finetune` on a partial-rotary family: 2 steps of PI 2x, a standard linear-rope checkpoint."""
+    from test_finetune_run import tiny_args
+    from transformers import AutoModelForCausalLM
+
+    from pieval.cli import main
+
+    out = tmp_path / "run"
+    argv = tiny_args(checkpoints("gpt_neox"), out, "--max-steps", "2")
+    argv[argv.index("--scaling-factor") + 1] = str(S)
+    assert main(argv) == 0
+    saved = out / "checkpoint-000002"
+    model = AutoModelForCausalLM.from_pretrained(saved)  # plain transformers, no pieval
+    assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == S
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.25
+    assert model.config.max_position_embeddings == S * L
+    rope.verify(model, rope.resolve(model.config))
+    described = info.describe(loading.read_config(loading.Source.of(str(saved))))
+    assert (described["base_window"], described["factor"], described["context_length"]) == (L, S, S * L)
+
+
+def test_passkey_and_govreport_run_on_qwen3(tmp_path, heldout_dir):
+    """The generation tasks use only the LM interface: Qwen3 (L = 256, PI 2x) through both, in process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from pieval.paths import tasks_dir
+
+    path = save_tiny(make_config("qwen3", max_position_embeddings=256), tmp_path / "qwen3")
+    lm = pi_lm(path, scaling_factor=S)
+    book = sorted(heldout_dir.glob("*.txt"))[0].read_text()
+    gov = tmp_path / "gov.jsonl"
+    gov.write_text(json.dumps({"document": book[:3000], "summary": " ".join(book.split()[40:80])}) + "\n")
+    metadata = {"pretrained": str(path), "scaling_factor": S, "lengths": [512], "trials": 1, "num_distances": 2, "data_path": str(gov), "max_gen_toks": 8}
+    tm = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["passkey", "govreport_pi"], task_manager=tm, log_samples=True)
+    assert len(out["samples"]["passkey"]) == 2 and len(out["samples"]["govreport_pi"]) == 1
+    assert 0.0 <= out["results"]["govreport_pi"]["rouge1,none"] <= 1.0
+    assert out["config"]["pieval"]["context_length"] == 2 * 256
