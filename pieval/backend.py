@@ -39,6 +39,7 @@ class PILlama(SlidingWindowMixin, HFLM):
         scaling_factor=None,
         context_length=None,
         rope_method: str = "pi",
+        rope_parameters_file: str | None = None,
         max_length: int | None = None,
         gguf_file: str | None = None,
         **kwargs,
@@ -48,6 +49,7 @@ class PILlama(SlidingWindowMixin, HFLM):
             "scaling_factor": scaling_factor,
             "context_length": context_length,
             "rope_method": rope_method,
+            "options": rope_knobs(kwargs, rope_parameters_file),
         }
         self.rope: rope.RopeSpec | None = None
         check_batch_sizes(kwargs)
@@ -116,7 +118,8 @@ class PILlama(SlidingWindowMixin, HFLM):
 
     def _check_built(self, model) -> None:
         """An already-built model cannot be re-scaled (its inv_freq is fixed): only check it."""
-        if any(v is not None for v in (self._rope_request["scaling_factor"], self._rope_request["context_length"])):
+        request = self._rope_request
+        if request["options"] or any(v is not None for v in (request["scaling_factor"], request["context_length"])):
             raise UserError(
                 "scaling_factor/context_length need a checkpoint path: a model passed as an object is "
                 "already built and its RoPE can no longer change; pass pretrained=PATH"
@@ -235,7 +238,7 @@ class PILlama(SlidingWindowMixin, HFLM):
             "context_length": self.rope.context_length,
             "max_length": self.max_length,
             "theta": self.rope.theta,
-            "rope_parameters": dict(rope.rope_parameters(model.config)),
+            "rope_parameters": _recorded_rope(model.config),
             "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "pretrained": self.pretrained if isinstance(self.pretrained, str) else type(self.pretrained).__name__,
@@ -247,6 +250,36 @@ class PILlama(SlidingWindowMixin, HFLM):
         if recorded:
             info["pieval"]["finetune"] = recorded
         return info
+
+
+def rope_knobs(kwargs: dict, path: str | None) -> dict:
+    """The rope method's knobs (`pieval.rope.KNOBS`): popped from model_args, or a JSON object in ``path``.
+
+    Lists (longrope's factors) cannot pass through lm-eval's comma-separated model_args: give
+    them in ``rope_parameters_file=knobs.json``, or as a mapping in ``lm-eval run --config``.
+    """
+    import json
+    from pathlib import Path
+
+    knobs = {key: kwargs.pop(key) for key in list(kwargs) if key in rope.KNOBS}
+    if path is None:
+        return knobs
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"rope_parameters_file={path}: cannot read a JSON object of rope knobs ({e})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"rope_parameters_file={path} must hold a JSON object such as {{\"beta_fast\": 32}}")
+    both = sorted(knobs.keys() & loaded.keys())
+    if both:
+        raise UserError(f"rope knobs {both} are in both model_args and rope_parameters_file={path}: give each once")
+    return {**loaded, **knobs}
+
+
+def _recorded_rope(config) -> dict:
+    """The model's rope_parameters as built: one dict, or one per layer type (Gemma 3)."""
+    layers = rope.layer_rope_parameters(config)
+    return dict(layers[None]) if None in layers else {k: dict(v) for k, v in layers.items()}
 
 
 def check_batch_sizes(kwargs: dict) -> None:
@@ -279,7 +312,7 @@ def unknown_model_arg(error: TypeError) -> UserError | None:
     if not match:
         return None
     name = match.group(1)
-    near = difflib.get_close_matches(name, sorted(arguments_of(PILlama) - {"args", "kwargs"}), n=1)
+    near = difflib.get_close_matches(name, sorted((arguments_of(PILlama) | set(rope.KNOBS)) - {"args", "kwargs"}), n=1)
     hint = f"did you mean {near[0]}?" if near else "remove it"
     return UserError(
         f"model_arg {name}= is an argument of neither pi_llama, lm-eval's hf model nor the model's "

@@ -7,6 +7,11 @@ build). Neither the kernels-hub decorator on ``apply_rotary_pos_emb`` (process-w
 back silently) nor an ``AttentionInterface`` function (it receives q/k already rotated)
 can own the rotary, hence a subclass. Its weights and state dict are LlamaAttention's.
 
+Coverage: ``model_type=llama`` with ``rope_type`` default or linear (plain RoPE, PI). Every
+other family (Mistral, Qwen, Gemma, Phi-3, GPT-NeoX, OLMo 2, ...) and method (ntk is plain
+RoPE and so covered; dynamic, yarn, llama3, longrope are not) keeps transformers' attention
+class: flash-attn attention, torch rotary, one warning from the backend.
+
 ``flash_attn`` is imported only when a patched model first runs: importing it loads the
 CUDA extension, which fails on CPU machines.
 """

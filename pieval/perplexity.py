@@ -189,6 +189,13 @@ class WindowStats:
         self.window_mean_nll += nll / tokens
 
 
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The output head on ``hidden``, soft-capped as the model's own forward does (Gemma 2: c·tanh(x/c))."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def check_head_split(model: torch.nn.Module, probe: torch.Tensor) -> None:
     """Raise unless decoder + output head reproduce ``model(probe).logits``.
 
@@ -198,7 +205,7 @@ def check_head_split(model: torch.nn.Module, probe: torch.Tensor) -> None:
     with torch.inference_mode():
         full = model(input_ids=probe, use_cache=False).logits.float()
         hidden = model.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
-        split = model.get_output_embeddings()(hidden).float()
+        split = head_logits(model, hidden).float()
     if not torch.allclose(full, split, rtol=1e-2, atol=1e-2):
         raise UserError(
             f"{type(model).__name__} changes its logits after the output head (max difference "
@@ -217,12 +224,11 @@ def tail_nll(model: torch.nn.Module, input_ids: torch.Tensor, scored: int, head_
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, -scored - 1 : -1]
     targets = input_ids[:, -scored:]
-    head = model.get_output_embeddings()
     batch = input_ids.shape[0]
     step = max(1, head_chunk_tokens // batch)
     total = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
     for i in range(0, scored, step):
-        logits = head(hidden[:, i : i + step]).float()
+        logits = head_logits(model, hidden[:, i : i + step]).float()
         nll = F.cross_entropy(logits.flatten(0, 1), targets[:, i : i + step].flatten(), reduction="none")
         total += nll.view(batch, -1).sum(dim=1, dtype=torch.float64)
     return total

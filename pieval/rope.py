@@ -18,6 +18,16 @@ positions: its spec is factor 1 (no interpolation), base window 256, context len
 the one case where context_length is not round(s·L). ``scaling_factor=s`` on it still means
 s relative to L = 256 (s = 4 interpolates positions m/4 in a window of 1024).
 
+Families: any config whose ``rope_parameters`` is one dict (Llama, Mistral, Qwen2/3, Gemma 2,
+Phi-3 and GPT-NeoX with ``partial_rotary_factor``, OLMo 2) or one dict per layer type (Gemma 3);
+for the latter an extension rescales the ``full_attention`` layers only (`rope_parameters`).
+
+Composition: a checkpoint saved with a scaling (``llama3``, ``yarn``, ``longrope``: L is
+``original_max_position_embeddings``; ``linear``: L = max_position_embeddings / factor) has
+base window L and factor L'/L. A new request s *replaces* the saved scaling, with s relative
+to L (not multiplied by the saved factor): asking a Llama 3.1 (L = 8192, llama3 8x) for
+``scaling_factor=16`` gives PI with L' = 131072 and positions m/16.
+
 Each method is one entry of `METHODS` (builder, the transformers rope_type it runs, its
 leaderboard label, a help line), as transformers keeps ``ROPE_INIT_FUNCTIONS``.
 """
@@ -56,28 +66,52 @@ class RopeSpec:
     base_window: int  # L, the window the checkpoint was pre-trained on
     context_length: int  # L' = round(s·L); as saved, a direct fine-tune's trained window
     theta: float  # the checkpoint's rope_theta (kept; "ntk" derives its own from it)
+    options: tuple[tuple[str, Any], ...] = ()  # the method's knobs (`KNOBS`), sorted (key, value) pairs
 
 
 # ---------------------------------------------------------------------------
 # reading a checkpoint config
 
 
-def rope_parameters(config) -> dict[str, Any]:
-    """The flat ``rope_parameters`` dict of a RoPE config; UserError for anything else."""
+GLOBAL_LAYERS = "full_attention"  # the layer type a per-layer-type rope extends (Gemma 3's global layers)
+
+
+def layer_rope_parameters(config) -> dict[str | None, dict[str, Any]]:
+    """Every RoPE of a config by layer type: ``{None: params}`` for one RoPE shared by all layers.
+
+    Gemma 3 keeps one ``rope_parameters`` entry per ``layer_types`` value (``full_attention``,
+    ``sliding_attention``), each with its own base and scaling.
+    """
     params = getattr(config, "rope_parameters", None)
     name = getattr(config, "_name_or_path", "") or type(config).__name__
+    family = getattr(config, "model_type", "?")
+    if params and "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
+        if GLOBAL_LAYERS not in params or not all("rope_type" in v for v in params.values()):
+            raise UserError(
+                f"checkpoint {name!r} (model_type={family!r}) has per-layer rope_parameters {sorted(params)} "
+                f"without a {GLOBAL_LAYERS!r} entry: pieval extends the global layers' RoPE and cannot tell "
+                "which those are; evaluate this model with lm-eval's `hf` model"
+            )
+        return dict(params)
     if not params or "rope_type" not in params:
         raise UserError(
-            f"checkpoint {name!r} (model_type={getattr(config, 'model_type', '?')!r}) has no rotary "
+            f"checkpoint {name!r} (model_type={family!r}) has no rotary "
             "position embedding (no rope_parameters in its config): Position Interpolation needs a "
             "RoPE model such as LLaMA; use lm-eval's `hf` model for other architectures"
         )
-    if not isinstance(params.get("rope_type"), str):
-        raise UserError(
-            f"checkpoint {name!r} has per-layer rope_parameters {sorted(params)}: pieval supports one "
-            "RoPE for all layers (LLaMA-style); evaluate this model with lm-eval's `hf` model"
-        )
-    return params
+    return {None: params}
+
+
+def rope_parameters(config) -> dict[str, Any]:
+    """The ``rope_parameters`` the extension acts on: the only one, or the global layers' one.
+
+    For a per-layer-type config (Gemma 3) an extension rescales the ``full_attention`` layers'
+    RoPE and leaves the local (sliding-window) layers at their own base, as Gemma 3 itself
+    does with its linear factor 8 on the global layers: a sliding layer never sees a distance
+    beyond its window, so it needs no interpolation.
+    """
+    layers = layer_rope_parameters(config)
+    return layers.get(GLOBAL_LAYERS, layers.get(None))
 
 
 def base_window(config) -> int:
@@ -158,7 +192,7 @@ def method_name(rope_method) -> str:
     return _ALIASES.get(method, method)
 
 
-def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") -> RopeSpec:
+def resolve(config, scaling_factor=None, context_length=None, rope_method="pi", options=None) -> RopeSpec:
     """The extension asked for by the ``pi_llama`` model_args, checked against ``config``.
 
     No factor and no context_length = the checkpoint as saved (method `AS_SAVED`): a base
@@ -175,7 +209,11 @@ def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") 
     given_s = None if scaling_factor is None else _number("scaling_factor", scaling_factor)
     given_len = None if context_length is None else _number("context_length", context_length)
 
+    if options and method == AS_SAVED:
+        raise UserError(f"rope knobs {sorted(options)} need a rope_method (one of {', '.join(METHODS)})")
     if given_s is None and given_len is None:
+        if options:
+            raise UserError(f"rope knobs {sorted(options)} need scaling_factor=S or context_length=N")
         if method not in ("pi", AS_SAVED):
             raise UserError(
                 f"rope_method={method} needs scaling_factor=S or context_length=N: without them "
@@ -202,7 +240,7 @@ def resolve(config, scaling_factor=None, context_length=None, rope_method="pi") 
             f"base window is L={L}, so s={given_s:g} means L'={round(given_s * L)}; pass only one of them"
         )
     s = given_s if given_s is not None else given_len / L
-    return RopeSpec(method, s, L, round(s * L), theta)
+    return RopeSpec(method, s, L, round(s * L), theta, check_options(method, options or {}, config))
 
 
 # ---------------------------------------------------------------------------
@@ -226,14 +264,93 @@ def _dynamic(spec: RopeSpec, config) -> tuple[dict, int]:
     return {"rope_type": "dynamic", "factor": spec.factor, "rope_theta": spec.theta}, spec.base_window
 
 
-def _yarn(spec: RopeSpec, config) -> tuple[dict, int]:
-    params = {
-        "rope_type": "yarn",
-        "factor": spec.factor,
-        "rope_theta": spec.theta,
-        "original_max_position_embeddings": spec.base_window,
-    }
-    return params, spec.context_length
+def _with_original(rope_type: str):
+    """A builder for the methods that record L as original_max_position_embeddings (yarn, llama3, longrope)."""
+
+    def build(spec: RopeSpec, config) -> tuple[dict, int]:
+        params = {
+            "rope_type": rope_type,
+            "factor": spec.factor,
+            "rope_theta": spec.theta,
+            "original_max_position_embeddings": spec.base_window,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.options},  # JSON-shaped
+        }
+        return params, spec.context_length
+
+    return build
+
+
+def _llama3(spec: RopeSpec, config) -> tuple[dict, int]:
+    params, length = _with_original("llama3")(spec, config)
+    # Llama 3.1's published values, when not given
+    return {"low_freq_factor": 1.0, "high_freq_factor": 4.0, **params}, length
+
+
+# ---------------------------------------------------------------------------
+# the methods' knobs: name -> (methods that take it, check); each check returns the value to store
+
+
+def _positive(key: str, value, config) -> float:
+    number = _number(key, value)
+    if number <= 0:
+        raise UserError(f"{key} must be > 0 (got {value!r})")
+    return number
+
+
+def _factor_list(key: str, value, config) -> tuple[float, ...]:
+    """longrope's per-frequency factors: rotary_dim/2 positive numbers (a JSON list, or a list)."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"{key} must be a JSON list of numbers (got {value!r})") from None
+    want = rotary_dim(config) // 2
+    if not isinstance(value, (list, tuple)) or len(value) != want:
+        got = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
+        raise UserError(f"{key} must list rotary_dim/2 = {want} factors, one per frequency (got {got})")
+    return tuple(_positive(f"{key}[{i}]", v, config) for i, v in enumerate(value))
+
+
+KNOBS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "beta_fast": (("yarn",), _positive),  # rotations above which frequencies are kept (default 32)
+    "beta_slow": (("yarn",), _positive),  # rotations below which frequencies are interpolated (default 1)
+    "attention_factor": (("yarn", "longrope"), _positive),  # cos/sin scaling (yarn: 0.1 ln s + 1)
+    "mscale": (("yarn",), _positive),
+    "mscale_all_dim": (("yarn",), _positive),
+    "low_freq_factor": (("llama3",), _positive),
+    "high_freq_factor": (("llama3",), _positive),
+    "short_factor": (("longrope",), _factor_list),
+    "long_factor": (("longrope",), _factor_list),
+}
+_REQUIRED = {"longrope": ("short_factor", "long_factor")}
+
+
+def check_options(method: str, options: dict, config) -> tuple[tuple[str, Any], ...]:
+    """The knobs of ``method``, each checked (UserError naming the key and its range)."""
+    taken = [k for k, (methods, _) in KNOBS.items() if method in methods]
+    for key in options:
+        if key not in KNOBS:
+            raise UserError(f"unknown rope knob {key!r}: the knobs are {', '.join(KNOBS)}")
+        if key not in taken:
+            raise UserError(
+                f"{key} is a knob of rope_method={'/'.join(KNOBS[key][0])}, not of {method}"
+                + (f" (its knobs: {', '.join(taken)})" if taken else " (it has none)")
+            )
+    missing = [k for k in _REQUIRED.get(method, ()) if k not in options]
+    if missing:
+        raise UserError(f"rope_method={method} needs {' and '.join(missing)} (lists of rotary_dim/2 factors)")
+    checked = {k: KNOBS[k][1](k, v, config) for k, v in options.items()}
+    if "beta_fast" in checked or "beta_slow" in checked:
+        fast, slow = checked.get("beta_fast", 32.0), checked.get("beta_slow", 1.0)
+        if fast <= slow:
+            raise UserError(f"beta_fast must be > beta_slow (got beta_fast={fast:g}, beta_slow={slow:g})")
+    if "low_freq_factor" in checked or "high_freq_factor" in checked:
+        low, high = checked.get("low_freq_factor", 1.0), checked.get("high_freq_factor", 4.0)
+        if low >= high:
+            raise UserError(f"low_freq_factor must be < high_freq_factor (got {low:g} >= {high:g})")
+    return tuple(sorted(checked.items()))
 
 
 @dataclass(frozen=True)
@@ -250,7 +367,9 @@ METHODS: dict[str, Method] = {
     "pi": Method(_linear, "linear", "PI", "Position Interpolation (Chen et al. 2023): positions m/s"),
     "ntk": Method(_ntk, "default", "ntk", "NTK-aware static base change (bloc97): theta * s^(d/(d-2))"),
     "dynamic": Method(_dynamic, "dynamic", "dynamic-ntk", "dynamic NTK: the base grows with the sequence length past L"),
-    "yarn": Method(_yarn, "yarn", "yarn", "YaRN (Peng et al. 2023)"),
+    "yarn": Method(_with_original("yarn"), "yarn", "yarn", "YaRN (Peng et al. 2023); knobs beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim"),
+    "llama3": Method(_llama3, "llama3", "llama3", "Llama 3.1's frequency-band scaling; knobs low_freq_factor, high_freq_factor"),
+    "longrope": Method(_with_original("longrope"), "longrope", "longrope", "LongRoPE (Phi-3): per-frequency factors; knobs short_factor, long_factor (lists), attention_factor"),
 }
 
 
@@ -284,7 +403,11 @@ def _write(config, spec: RopeSpec) -> None:
     partial = rope_parameters(config).get("partial_rotary_factor")
     if partial is not None:
         params["partial_rotary_factor"] = partial
-    config.rope_parameters = params
+    layers = layer_rope_parameters(config)
+    if None in layers:
+        config.rope_parameters = params
+    else:  # per layer type: only the global layers are extended (see rope_parameters)
+        config.rope_parameters = {**layers, GLOBAL_LAYERS: params}
     config.max_position_embeddings = max_positions
 
 
@@ -317,24 +440,43 @@ def pi_tables(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def expected_rotary(config, spec: RopeSpec) -> tuple[torch.Tensor, float]:
+def expected_rotary(config, spec: RopeSpec, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq, attention_scaling) that a model built from ``config`` with ``spec`` must hold.
 
     PI and plain RoPE are computed here (base / s); the other methods by transformers'
-    own rope functions on a copy of the config with ``spec`` applied.
+    own rope functions on a copy of the config with ``spec`` applied. ``layer_type`` picks
+    one RoPE of a per-layer-type config (default: the one the extension acts on).
     """
     import torch
 
     built = copy.deepcopy(config)
     if spec.method != AS_SAVED:
         _write(built, spec)
-    params = rope_parameters(built)
+    layers = layer_rope_parameters(built)
+    if layer_type is None and None not in layers:
+        layer_type = GLOBAL_LAYERS
+    params = layers[layer_type]
     if params["rope_type"] in ("default", "linear"):
-        base = inv_freq(float(params["rope_theta"]), rotary_dim(built))
-        return base / float(params.get("factor", 1.0)), 1.0
+        dim = int(head_dim(built) * params.get("partial_rotary_factor", 1.0))
+        return inv_freq(float(params["rope_theta"]), dim) / float(params.get("factor", 1.0)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    return ROPE_INIT_FUNCTIONS[params["rope_type"]](built, device=torch.device("cpu"))
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    return ROPE_INIT_FUNCTIONS[params["rope_type"]](built, device=torch.device("cpu"), **kwargs)
+
+
+def rotary_buffers(model) -> list[tuple[str, str | None, Any]]:
+    """(module name, layer type, module) of every live inv_freq buffer (``{layer_type}_inv_freq`` per type)."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            found.append((name, None, module))
+        for layer_type in getattr(module, "layer_types", None) or ():
+            if isinstance(getattr(module, f"{layer_type}_inv_freq", None), torch.Tensor):
+                found.append((name, layer_type, module))
+    return found
 
 
 def verify(model, spec: RopeSpec) -> None:
@@ -345,29 +487,32 @@ def verify(model, spec: RopeSpec) -> None:
     """
     import torch
 
-    rotary = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    rotary = rotary_buffers(model)
     if not rotary:
         raise RopeMismatchError(
-            f"{type(model).__name__} has no rotary module with an inv_freq buffer: pieval extends RoPE models"
+            f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', '?')}) has no rotary "
+            "module with an inv_freq buffer: pieval cannot check, so will not extend, its RoPE"
         )
     # for AS_SAVED apply() is a no-op, so this checks the model against the config it reports
-    expected, scaling = expected_rotary(model.config, spec)
-    for name, module in rotary:
-        live = module.inv_freq.detach().cpu()
+    for name, layer_type, module in rotary:
+        expected, scaling = expected_rotary(model.config, spec, layer_type)
+        prefix = f"{layer_type}_" if layer_type else ""
+        name = f"{name or 'model'}.{prefix}inv_freq"
+        live = getattr(module, f"{prefix}inv_freq").detach().cpu()
         want = expected.to(live.dtype)
         rtol = 1e-6 if live.dtype == torch.float32 else torch.finfo(live.dtype).eps
         if live.shape != want.shape or not torch.allclose(live.float(), want.float(), rtol=rtol, atol=0.0):
             ratio = (want.float() / live.float()).median().item() if live.shape == want.shape else float("nan")
             raise RopeMismatchError(
-                f"{name or 'model'}.inv_freq does not match rope_method={spec.method} factor={spec.factor:g} "
+                f"{name} does not match rope_method={spec.method} factor={spec.factor:g} "
                 f"(expected/live frequency ratio {ratio:.4g}): the rope scaling was not in the config when "
                 "the model was built (transformers reads it once, at build; editing model.config afterwards "
                 "does nothing). Load through pieval.backend.PILlama, or call pieval.rope.apply(config, spec) "
                 "and pass that config to from_pretrained"
             )
-        live_scaling = float(getattr(module, "attention_scaling", 1.0))
+        live_scaling = float(getattr(module, f"{prefix}attention_scaling", 1.0))
         if not math.isclose(live_scaling, float(scaling), rel_tol=1e-6):
             raise RopeMismatchError(
-                f"{name}.attention_scaling is {live_scaling:g}, expected {float(scaling):g} for "
+                f"{name}: attention_scaling is {live_scaling:g}, expected {float(scaling):g} for "
                 f"rope_method={spec.method} factor={spec.factor:g}: the model was built from another rope config"
             )

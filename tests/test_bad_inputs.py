@@ -303,6 +303,8 @@ CASES += [
     Case("lm_eval: a misspelt model_arg", lm_eval("scaling_factr=4"), 1,
          f"{LM}model_arg scaling_factr= is an argument of neither pi_llama, lm-eval's hf model nor the model's "
          "from_pretrained: did you mean scaling_factor?"),
+    Case("lm_eval: yarn beta_fast <= beta_slow", lm_eval("scaling_factor=2,rope_method=yarn,beta_fast=1,beta_slow=4"), 1,
+         f"{LM}beta_fast must be > beta_slow (got beta_fast=1, beta_slow=4)"),
     Case("lm_eval: batch_size=0 in model_args", lm_eval("batch_size=0"), 1,
          f'{LM}batch_size=0 is not a positive integer, "auto" or "auto:N"'),
     Case("lm_eval: --batch_size 0", lm_eval("", "", "--batch_size", "0"), 1,

@@ -153,34 +153,35 @@ def test_fused_kernel_matches_torch_rotary_on_gpu(tiny_llama_dir):
 
 
 @pytest.fixture
-def flash_as_sdpa(monkeypatch):
+def flash_on_cpu(monkeypatch):
     """PILlama's flash_attention_2 wiring on CPU: availability is faked and the model is built
-    with sdpa (transformers itself refuses flash_attention_2 without flash-attn)."""
+    with eager attention (transformers itself refuses flash_attention_2 without flash-attn;
+    eager, not sdpa, because every family has it: Gemma 2 has no sdpa)."""
     from lm_eval.models.huggingface import HFLM
 
     original = HFLM._create_model
     mappings = []
 
-    def build_with_sdpa(self, pretrained, **kwargs):
+    def build_on_cpu(self, pretrained, **kwargs):
         mappings.append(get_patch_mapping())
-        original(self, pretrained, **{**kwargs, "attn_implementation": "sdpa"})
+        original(self, pretrained, **{**kwargs, "attn_implementation": "eager"})
 
     monkeypatch.setattr(flash_rotary, "require_available", lambda: None)
-    monkeypatch.setattr(HFLM, "_create_model", build_with_sdpa)
+    monkeypatch.setattr(HFLM, "_create_model", build_on_cpu)
     return mappings
 
 
-def test_backend_builds_pi_llama_with_the_fused_attention(tiny_llama_dir, flash_as_sdpa):
+def test_backend_builds_pi_llama_with_the_fused_attention(tiny_llama_dir, flash_on_cpu):
     from pieval.backend import PILlama
 
     lm = PILlama(pretrained=str(tiny_llama_dir), scaling_factor=4, device="cpu", attn_implementation="flash_attention_2")
-    assert flash_as_sdpa == [{flash_rotary.PATTERN: flash_rotary.PIRotaryLlamaAttention}]
+    assert flash_on_cpu == [{flash_rotary.PATTERN: flash_rotary.PIRotaryLlamaAttention}]
     assert all(type(layer.self_attn) is flash_rotary.PIRotaryLlamaAttention for layer in lm.model.model.layers)
     assert lm.model.model.layers[0].self_attn.rope_factor == 4.0
     assert get_patch_mapping() == {} and "flash_attn" not in sys.modules
 
 
-def test_backend_keeps_stock_attention_for_other_rope_methods(tiny_llama_dir, flash_as_sdpa, caplog):
+def test_backend_keeps_stock_attention_for_other_rope_methods(tiny_llama_dir, flash_on_cpu, caplog):
     from pieval.backend import PILlama
 
     lm = PILlama(
@@ -190,6 +191,6 @@ def test_backend_keeps_stock_attention_for_other_rope_methods(tiny_llama_dir, fl
         device="cpu",
         attn_implementation="flash_attention_2",
     )
-    assert flash_as_sdpa == [{}]
+    assert flash_on_cpu == [{}]
     assert type(lm.model.model.layers[0].self_attn) is modeling_llama.LlamaAttention
     assert "rotary in transformers' torch code" in caplog.text

@@ -214,7 +214,9 @@ def test_rope_method_none_is_the_old_name_of_as_saved():
 @pytest.mark.parametrize("method", sorted(rope.METHODS))
 def test_each_method_builds_the_rope_type_its_entry_names(method):
     config = llama_config()
-    spec = rope.resolve(config, scaling_factor=2, rope_method=method)
+    half = rope.rotary_dim(config) // 2  # longrope's required factor lists
+    options = {"short_factor": [1.0] * half, "long_factor": [2.0] * half} if method == "longrope" else None
+    spec = rope.resolve(config, scaling_factor=2, rope_method=method, options=options)
     rope.apply(config, spec)
     entry = rope.METHODS[method]
     assert config.rope_parameters["rope_type"] == entry.rope_type
