@@ -87,8 +87,10 @@ class _VocabRows(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.is_view or func in (torch.ops.aten.detach.default, torch.ops.aten.t.default):
+            return out
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab and not t._is_view():
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab:
                 self.rows = max(self.rows, t.numel() // self.vocab)
         return out
 
