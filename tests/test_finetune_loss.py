@@ -142,3 +142,12 @@ def test_checkpointing_rule_auto_by_context_length_and_forced_either_way():
     # recipes and run.json files written when it was a true/false switch still load
     for old, new in ((True, "on"), (False, "off"), ("true", "on")):
         assert FinetuneConfig.build({"model": "m", "output": "o", "gradient_checkpointing": old}).gradient_checkpointing == new
+
+
+@pytest.mark.parametrize(("length", "on"), [(CHECKPOINTING_FROM // 2, False), (CHECKPOINTING_FROM, True)])
+def test_auto_checkpointing_is_on_in_the_built_model_from_the_rule_length(length, on, tmp_path):
+    from pieval.finetune.recipe import load_model
+
+    config = FinetuneConfig.build({"model": str(REF_MODEL), "output": str(tmp_path), "context_length": length})
+    model = load_model(config)[0]
+    assert model.is_activation_checkpointing == on
