@@ -151,3 +151,14 @@ def test_auto_checkpointing_is_on_in_the_built_model_from_the_rule_length(length
     config = FinetuneConfig.build({"model": str(REF_MODEL), "output": str(tmp_path), "context_length": length})
     model = load_model(config)[0]
     assert model.is_activation_checkpointing == on
+
+
+def test_checkpointing_flags_on_off_and_auto():
+    import argparse
+
+    from pieval.finetune.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for argv, want in ((["--gradient-checkpointing"], "on"), (["--no-gradient-checkpointing"], "off"), (["--gradient-checkpointing", "off"], "off"), ([], "auto")):
+        assert config_from_args(parser.parse_args(["--model", "m", "--output", "o", *argv])).gradient_checkpointing == want
