@@ -98,6 +98,8 @@ stage1() {
     step "perplexity_memory.py at W = 32768, LLaMA-7B's width, 2 layers" $(($(left) - 10)) \
         "$PYTHON" benchmarks/perplexity_memory.py --device cuda --windows 32768 --vocab 32000 --hidden 4096 \
         --intermediate 11008 --heads 32 --layers 2 --max-positions 32768
+    step "finetune_memory.py at L' = 8192, 16384 (vocab 32000, hidden 2048, 2 layers)" 240 \
+        "$PYTHON" benchmarks/finetune_memory.py --device cuda --lengths 8192 16384 --hidden 2048 --intermediate 5504 --heads 16
     echo
     if stage1_kept; then
         echo "=== stage 1 done: part 1 and the packages are in $WORK; run stage 2 now (carry .gpu-part2)"

@@ -42,6 +42,12 @@ EXPECTED = {
         [r"RATIO start-up hook on/off: " + NUMBER + "x"],
         r"SAME-IMPORTS at start-up with the hook: .* \(expected pieval, pieval.hook only\): ok",
     ),
+    "finetune_memory.py": (
+        [r"RATIO memory pieval/floor worst " + NUMBER,
+         r"RATIO memory trainer/pieval at L'=\d+: " + NUMBER + "x",
+         r"RATIO tokens/s pieval/trainer worst " + NUMBER],
+        r"SAME-LOSS pieval vs full vs trainer: max relative difference " + NUMBER + ": ok",
+    ),
     "finetune_throughput.py": (
         [r"RATIO tokens/s pieval/Trainer, checkpointing off: " + NUMBER,
          r"RATIO tokens/s pieval/Trainer, checkpointing on: " + NUMBER,

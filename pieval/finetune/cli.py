@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flags = _FLAG_NAMES.get(f.name, [f"--{f.name.replace('_', '-')}"])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_ = f"{f.metadata['help']} (default: {_show(default)})"
-        if hints[f.name] is bool:
+        if set(f.metadata.get("choices", ())) == {"auto", "on", "off"}:
+            # a switch with a third state: --flag (on), --no-flag (off), --flag auto|on|off
+            groups[group].add_argument(*flags, dest=f.name, nargs="?", const="on", choices=f.metadata["choices"], default=argparse.SUPPRESS, help=help_)
+            groups[group].add_argument(flags[0].replace("--", "--no-", 1), dest=f.name, action="store_const", const="off", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        elif hints[f.name] is bool:
             groups[group].add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
             # Values stay strings here; FinetuneConfig.build coerces them with the file's values.

@@ -53,9 +53,24 @@ _output = functools.partial(_opt, group="output, checkpoints, resume")
 _eval = functools.partial(_opt, group="evaluation as it trains")
 _logging = functools.partial(_opt, group="logging")
 
+# --gradient-checkpointing auto turns it on from this L' (models/recipes/README.md gives the
+# measurements): below it the activations are small and recomputing them costs ~30% speed.
+CHECKPOINTING_FROM = 4096
+# Positions per chunk of --loss chunked: 1024 x 32000 fp32 logits = 131 MB, enough rows that
+# the head's matmul runs at full speed.
+DEFAULT_CHUNK = 1024
+
+
+def resolve_checkpointing(setting: str, context_length: int) -> bool:
+    """Whether the run checkpoints activations: ``on``/``off`` as given, ``auto`` by L'."""
+    return setting == "on" or (setting == "auto" and context_length >= CHECKPOINTING_FROM)
+
+
 # Values renamed since: still accepted, with a one-line warning, and read as the new one
 # (also in the run.json of a run made before, so resuming it finds the same run).
 _RENAMED = {"method": {"none": "direct"}}
+# gradient_checkpointing was a true/false switch (YAML recipes and run.json files still say so).
+_WAS_BOOL = {"gradient_checkpointing": {True: "on", False: "off", "true": "on", "false": "off"}}
 
 
 @dataclass
@@ -85,7 +100,9 @@ class FinetuneConfig:
     max_grad_norm: float = _train(1.0, "gradient-norm clipping (0 = off)")
     seed: int = _train(0, "seed for data order and initialisation of anything random (LoRA)")
     precision: str = _train("auto", "auto (bf16 where the GPU has it, fp32 on CPU), bf16, fp16 or fp32", choices=("auto", "bf16", "fp16", "fp32"))
-    gradient_checkpointing: bool = _train(False, "recompute activations in the backward pass (less memory, ~30%% slower)", runtime=True)
+    gradient_checkpointing: str = _train("auto", f"recompute each layer's activations in the backward pass (less memory, ~30%% slower); auto: on when L' >= {CHECKPOINTING_FROM}", choices=("auto", "on", "off"), runtime=True)
+    loss: str = _train("chunked", "training loss: chunked (output head + cross-entropy chunk by chunk, never the L' x V logits), full (all logits at once, the old path), liger (Liger-Kernel's fused kernel, CUDA, pip install liger-kernel)", choices=("chunked", "full", "liger"), runtime=True)
+    loss_chunk: int = _train(DEFAULT_CHUNK, "positions per chunk of --loss chunked (memory ~ chunk x vocab x 4 bytes, twice in backward)", runtime=True)
     attn_implementation: str | None = _train(None, "transformers attention kernel, e.g. sdpa or flash_attention_2", runtime=True)
     lora: bool = _lora(False, "train LoRA adapters instead of all weights (checkpoints hold the merged model)")
     lora_r: int = _lora(8, "LoRA rank")
@@ -172,7 +189,7 @@ class FinetuneConfig:
             e.append(f"scaling_factor must be >= 1 (got {self.scaling_factor}): PI compresses positions into the trained window; s = L'/L")
         if self.context_length is not None and self.context_length < 1:
             e.append(f"context_length must be a positive number of tokens (got {self.context_length})")
-        for name in ("max_steps", "global_batch", "micro_batch", "save_every", "shuffle_buffer", "lora_r", "eval_batch_size", "barrier_timeout_min"):
+        for name in ("max_steps", "loss_chunk", "global_batch", "micro_batch", "save_every", "shuffle_buffer", "lora_r", "eval_batch_size", "barrier_timeout_min"):
             if getattr(self, name) < 1:
                 e.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.micro_batch >= 1 and self.global_batch % self.micro_batch:
@@ -213,6 +230,10 @@ def run_identity(config: FinetuneConfig) -> dict:
 def renamed(settings: dict, warn=None) -> dict:
     """``settings`` with renamed values replaced by their current names; ``warn(line)`` for each."""
     out = dict(settings)
+    for name, values in _WAS_BOOL.items():
+        old = out.get(name)
+        if isinstance(old, (bool, str)) and not (isinstance(old, str) and old.lower() not in values):
+            out[name] = values[old.lower() if isinstance(old, str) else old]
     for name, names in _RENAMED.items():
         old = out.get(name)
         if isinstance(old, str) and old in names:

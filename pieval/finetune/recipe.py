@@ -40,9 +40,10 @@ from pieval.errors import UserError
 from pieval.facts import FinetuneFacts
 from pieval.finetune import checkpoint as ckpt
 from pieval.finetune import preflight
-from pieval.finetune.config import DEFAULT_HUB_DATA, FinetuneConfig, run_identity
+from pieval.finetune.config import DEFAULT_HUB_DATA, FinetuneConfig, resolve_checkpointing, run_identity
 from pieval.finetune.data import DataPosition, PackedSequences, SupervisedExamples, collate, predicted_tokens
 from pieval.finetune.evaluate import Evaluator, evaluated_steps
+from pieval.finetune.loss import DEFAULT_CHUNK, summed_nll
 from pieval.locking import OutputLock
 
 
@@ -101,7 +102,7 @@ def load_model(config: FinetuneConfig, plan: preflight.Plan | None = None):
         raise UserError(f"cannot build a causal LM from {config.model!r}: {str(e).splitlines()[0]}") from None
     if config.method == "pi":
         rope.verify(model, spec)
-    if config.gradient_checkpointing:
+    if resolve_checkpointing(config.gradient_checkpointing, spec.context_length):
         enable_activation_checkpointing(model)
     if config.lora:
         from peft import LoraConfig, get_peft_model
@@ -225,6 +226,7 @@ class Run:
                 f"{procs} processes; pick --micro-batch so that micro_batch * processes divides it"
             )
         plan = preflight.check(config)
+        checkpointing = resolve_checkpointing(config.gradient_checkpointing, plan.spec.context_length)
         accelerator = Accelerator(
             cpu=cpu,
             gradient_accumulation_steps=config.global_batch // (procs * config.micro_batch),
@@ -234,6 +236,8 @@ class Run:
         )
         distributed.refuse_ignored_fsdp(accelerator)
         run = cls(config, accelerator, procs)
+        run.settings["resolved"] = {"gradient_checkpointing": checkpointing}
+        run.log(f"activation checkpointing {'on' if checkpointing else 'off'} (--gradient-checkpointing {config.gradient_checkpointing}, L'={plan.spec.context_length}); loss {config.loss}")
         if accelerator.is_main_process:
             lock = held.enter_context(OutputLock(run.output, _command(config), option="--output"))
             if lock.took_over is not None:
@@ -371,7 +375,7 @@ class Run:
             collate(mine[i : i + config.micro_batch], pad_id) for i in range(0, self.per_process, config.micro_batch)
         ]
         try:
-            nll = optimizer_step(accelerator, self.model, self.optimizer, micro_batches, scale, config.max_grad_norm)
+            nll = optimizer_step(accelerator, self.model, self.optimizer, micro_batches, scale, config.max_grad_norm, config.loss, config.loss_chunk)
         except torch.OutOfMemoryError:
             raise UserError(
                 f"out of memory on {accelerator.device} with micro-batches of {config.micro_batch} x "
@@ -416,14 +420,17 @@ class Run:
         return final
 
 
-def optimizer_step(accelerator, model, optimizer, micro_batches: list[dict], scale: float, max_grad_norm: float) -> torch.Tensor:
+def optimizer_step(
+    accelerator, model, optimizer, micro_batches: list[dict], scale: float, max_grad_norm: float,
+    loss: str = "chunked", loss_chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:  # fmt: skip
     """Accumulate gradients over this process's micro-batches, clip, step; return their summed NLL."""
     model.train()
     nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for micro in micro_batches:
         micro = {k: v.to(accelerator.device) for k, v in micro.items()}
         with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch only
-            loss_sum = summed_nll(model, micro)
+            loss_sum = summed_nll(model, micro, loss, loss_chunk)
             accelerator.backward(loss_sum * scale)
         nll += loss_sum.detach().double()
     if max_grad_norm > 0:
@@ -431,17 +438,6 @@ def optimizer_step(accelerator, model, optimizer, micro_batches: list[dict], sca
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return nll
-
-
-def summed_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token NLL over the labelled positions (fp32 log-softmax)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=-100,
-        reduction="sum",
-    )
 
 
 def _note(line: str) -> None:
