@@ -119,7 +119,7 @@ def test_runtime_fields_are_the_ones_a_resumed_run_may_change():
         "max_steps", "save_every", "keep_training_state", "resume", "overwrite", "micro_batch",
         "gradient_checkpointing", "attn_implementation", "eval_tasks", "eval_every", "eval_limit",
         "eval_batch_size", "eval_metadata", "eval_include_path", "eval_log_samples", "barrier_timeout_min", "log_with",
-        "progress", "output",
+        "progress", "output", "loss", "loss_chunk",  # the loss's implementation, not its value
     }  # fmt: skip
 
 
