@@ -39,6 +39,28 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """``--seed`` and one ``--<field>`` per `Shape` field of the random model; unset fields stay absent (`shape_from`)."""
+    p.add_argument("--seed", type=int, default=0)
+    for field, default in vars(Shape()).items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=argparse.SUPPRESS,
+                       help=f"random model's shape (default {default})")
+
+
+def shape_from(args: argparse.Namespace, **overrides) -> "Shape":
+    given = {f: getattr(args, f) for f in vars(Shape()) if hasattr(args, f)}
+    return Shape(**{**given, **overrides})
+
+
+def serve_worker(args: argparse.Namespace, worker) -> bool:
+    """In a ``--worker`` process, run its spec (one, or a list in one interpreter) and report; else False."""
+    if not args.worker:
+        return False
+    spec = json.loads(args.worker)
+    report({"results": [worker(s) for s in spec]} if isinstance(spec, list) else worker(spec))
+    return True
+
+
 def resolve_dtype(name: str, device: str) -> str:
     if name != "auto":
         return name

@@ -23,9 +23,6 @@ peak memory above that state (CPU: the RSS high-water mark with glibc returning 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import sys
 
 import _common as c
@@ -40,20 +37,15 @@ def main() -> int:
     p = c.parser(__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", help="L' values (default 2048 4096 8192 16384; quick: 256 512)")
     p.add_argument("--chunk", type=int, help="pieval's loss chunk (default: pieval's own)")
-    p.add_argument("--seed", type=int, default=0)
-    for field, default in vars(c.Shape()).items():
-        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=argparse.SUPPRESS, help=f"model shape (default {default})")
+    c.add_shape_args(p)
     args = p.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        c.report({"results": [worker(s) for s in spec]} if isinstance(spec, list) else worker(spec))
+    if c.serve_worker(args, worker):
         return 0
     from pieval.finetune.config import DEFAULT_CHUNK
 
     lengths = args.lengths or ([256, 512] if args.quick else [2048, 4096, 8192, 16384])
     chunk = args.chunk or (64 if args.quick else DEFAULT_CHUNK)
-    given = {f: getattr(args, f) for f in vars(c.Shape()) if hasattr(args, f)}
-    shape = dataclasses.replace(c.Shape(**given), max_positions=max(lengths))
+    shape = c.shape_from(args, max_positions=max(lengths))
     dtype = c.resolve_dtype(args.dtype, args.device)
     c.check_device(args.device)
     print(c.machine(args.device))

@@ -28,9 +28,7 @@ glibc returning freed blocks: live tensors only) and the wall time of scoring th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
 
@@ -61,15 +59,10 @@ def main() -> int:
                    help="instead of one stream for all W: each W its own stream of (W-1) + (N-1) x S tokens, "
                         "which it scores in exactly N windows (a few windows of a large model at every W)")  # fmt: skip
     p.add_argument("--head-chunk", type=int, help="pieval's output-head rows per chunk (default: pieval's own)")
-    p.add_argument("--seed", type=int, default=0)
-    for field, default in vars(c.Shape()).items():
-        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=argparse.SUPPRESS,
-                       help=f"random model's shape (default {default})")
+    c.add_shape_args(p)
     args = p.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        # --quick hands one worker the whole list: one interpreter start instead of twelve
-        c.report({"results": [worker(s) for s in spec]} if isinstance(spec, list) else worker(spec))
+    # --quick hands one worker the whole list: one interpreter start instead of twelve
+    if c.serve_worker(args, worker):
         return 0
 
     windows = args.windows or ([256, 512] if args.quick else [1024, 2048, 4096, 8192])

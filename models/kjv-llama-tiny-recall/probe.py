@@ -10,7 +10,6 @@ positions and under PI. Cheap on purpose (a few keys per distance); `make demo` 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import re
@@ -24,12 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _train_module():
-    """The reference model's train.py: its passkey wording, one copy for the trials and its probes."""
-    spec = importlib.util.spec_from_file_location("kjv_train_probe", REPO / "models/kjv-llama-tiny/train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The reference model's train.py (its passkey wording: one copy for the trials and its probes),
+    loaded the way its fine-tune-mix script loads it."""
+    sys.path.insert(0, str(REPO / "models/kjv-llama-tiny"))
+    from make_finetune_mix import load_train_module
+
+    return load_train_module()
 
 
 _TRAIN = _train_module()
