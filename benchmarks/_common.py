@@ -328,5 +328,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, nan (shown as "-") when b is 0: a tiny model's peak above its weights can round to 0 MiB."""
+    return a / b if b else float("nan")
+
+
 def verdict(met: bool) -> str:
     return "met" if met else "MISSED"

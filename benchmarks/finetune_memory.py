@@ -73,8 +73,8 @@ def summarize(results: dict, lengths: list[int], quick: bool) -> int:
         m = {v: results[v, n]["peak_mb"] for v in VARIANTS}
         tps = {v: n / results[v, n]["seconds"] for v in VARIANTS}
         rows.append([n, results["pieval", n]["checkpointing"], m["pieval"], m["full"], m["trainer"], m["floor"],
-                     m["pieval"] / m["floor"], m["trainer"] / m["pieval"], tps["pieval"], tps["full"], tps["trainer"],
-                     tps["pieval"] / tps["trainer"]])  # fmt: skip
+                     c.ratio(m["pieval"], m["floor"]), c.ratio(m["trainer"], m["pieval"]), tps["pieval"], tps["full"],
+                     tps["trainer"], c.ratio(tps["pieval"], tps["trainer"])])  # fmt: skip
     print()
     print(c.table(["L'", "ckpt", "pieval MiB", "full MiB", "trainer MiB", "floor MiB", "pieval/floor", "trainer/pieval",
                    "pieval tok/s", "full tok/s", "trainer tok/s", "speed pieval/trainer"], rows))  # fmt: skip

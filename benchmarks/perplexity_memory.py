@@ -155,9 +155,9 @@ def summarize(results: dict, windows: list[int], dtype: str) -> int:
         ppl = {v: results[v, w]["ppl"] for v in VARIANTS}
         diff = max(abs(ppl["naive"] - ppl["pieval"]), abs(ppl["floor"] - ppl["pieval"])) / ppl["pieval"]
         worst_ppl = max(worst_ppl, diff)
-        rows.append([w, results["pieval", w]["windows"], m["naive"], m["pieval"], m["floor"], m["naive"] / m["pieval"],
-                     m["pieval"] / m["floor"], t["naive"], t["pieval"], t["floor"], t["naive"] / t["pieval"],
-                     t["pieval"] / t["floor"], ppl["pieval"], f"{diff:.1e}"])  # fmt: skip
+        rows.append([w, results["pieval", w]["windows"], m["naive"], m["pieval"], m["floor"], c.ratio(m["naive"], m["pieval"]),
+                     c.ratio(m["pieval"], m["floor"]), t["naive"], t["pieval"], t["floor"], c.ratio(t["naive"], t["pieval"]),
+                     c.ratio(t["pieval"], t["floor"]), ppl["pieval"], f"{diff:.1e}"])  # fmt: skip
     print()
     print(c.table(
         ["W", "windows", "naive MiB", "pieval MiB", "floor MiB", "mem naive/pieval", "mem pieval/floor",
@@ -167,8 +167,8 @@ def summarize(results: dict, windows: list[int], dtype: str) -> int:
     print()
 
     top = windows[-1]
-    mem_ratio = results["naive", top]["peak_mb"] / results["pieval", top]["peak_mb"]
-    time_ratio = results["pieval", top]["seconds"] / results["floor", top]["seconds"]
+    mem_ratio = c.ratio(results["naive", top]["peak_mb"], results["pieval", top]["peak_mb"])
+    time_ratio = c.ratio(results["pieval", top]["seconds"], results["floor", top]["seconds"])
     print(f"RATIO memory naive/pieval at W={top}: {mem_ratio:.2f}x "
           f"(target >= {TARGET_MEMORY_RATIO:g}x at W=8192: {c.verdict(mem_ratio >= TARGET_MEMORY_RATIO)})")
     print(f"RATIO time pieval/floor at W={top}: {time_ratio:.3f} "
