@@ -123,11 +123,12 @@ def test_passkey_at_1024_finds_the_key_with_exact_lengths(real_model_dir, pi_mod
 
     from pieval.paths import tasks_dir
 
-    meta = {"pretrained": str(real_model_dir), "lengths": [1024], "trials": 2, "num_distances": 8}
+    meta = {"pretrained": str(real_model_dir), "lengths": [1024], "trials": 1, "num_distances": 8}
     tm = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=meta)
     out = lm_eval.simple_evaluate(model=pi_model, tasks=["passkey"], task_manager=tm, log_samples=True, apply_chat_template=chat)
     res, samples = out["results"]["passkey"], out["samples"]["passkey"]
-    # golden (2026-12-01, fp32 CPU): plain 16/16 = 1.0, chat template 15/16 = 0.9375
+    # golden (fp32 CPU): 2026-12-01 with 2 trials plain 16/16, chat template 15/16; 2026-12-02 with 1 trial
+    # (8 keys, half the time of the slowest test in the suite) 8/8 for both
     assert res["acc_1024,none"] >= 0.9, res
     for s in samples:
         sent, doc = s["arguments"][0][0], s["doc"]
