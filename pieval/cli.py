@@ -19,6 +19,7 @@ COMMANDS = {
     "info": ("pieval.info", "print a checkpoint's base window L, rope type, factor, L' and theta"),
     "finetune": ("pieval.finetune.cli", "fine-tune a RoPE model with Position Interpolation"),
     "leaderboard": ("pieval.leaderboard.cli", "lm-eval result files -> leaderboards/*.csv (+ plots)"),
+    "compare": ("pieval.compare", "a checkpoint as saved and each rope method at one L', side by side, unfine-tuned"),
     "plot-bound": ("pieval.bound", "the paper's Figure 2 and the Theorem 2.1 bound ratio"),
 }
 

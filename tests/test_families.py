@@ -142,10 +142,15 @@ def test_pi_2x_sliding_window_matches_brute_force(family, checkpoints, heldout_d
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_info_reports_base_window_and_factor(family, checkpoints):
-    path = checkpoints(family)
-    described = info.describe(loading.read_config(loading.Source.of(str(path))))
+def test_info_reports_base_window_and_factor(family, checkpoints, capsys):
+    """`pieval info --json` itself, as a user runs it, on each family's saved folder."""
+    from pieval.cli import main
+
+    assert main(["info", str(checkpoints(family)), "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["model_type"] == make_config(family).model_type  # gemma3: gemma3_text
     assert (described["base_window"], described["factor"], described["context_length"]) == (L, 1.0, L)
+    assert (described["rope_type"], described["theta"]) == ("default", rope.rope_parameters(make_config(family))["rope_theta"])
 
 
 def test_unscaled_run_is_refused_when_rotary_cannot_be_checked(checkpoints):
@@ -360,25 +365,48 @@ def test_knobs_from_a_json_file_and_near_misses(checkpoints, tmp_path):
 # ------------------------------------------------------------------ the other tasks and pieval finetune
 
 
-def test_finetune_on_gpt_neox_reloads_in_plain_transformers(checkpoints, tmp_path):
-    """`pieval finetune` on a partial-rotary family: 2 steps of PI 2x, a standard linear-rope checkpoint."""
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3"])
+def test_finetune_reloads_in_plain_transformers(family, checkpoints, tmp_path):
+    """`pieval finetune` on partial-rotary (GPT-NeoX) and per-layer-type (Gemma 3) rope: 2 steps of
+    PI 2x give a checkpoint plain transformers loads with standard linear-rope settings."""
     from test_finetune_run import tiny_args
     from transformers import AutoModelForCausalLM
 
     from pieval.cli import main
 
     out = tmp_path / "run"
-    argv = tiny_args(checkpoints("gpt_neox"), out, "--max-steps", "2")
+    argv = tiny_args(checkpoints(family), out, "--max-steps", "2")
     argv[argv.index("--scaling-factor") + 1] = str(S)
     assert main(argv) == 0
     saved = out / "checkpoint-000002"
     model = AutoModelForCausalLM.from_pretrained(saved)  # plain transformers, no pieval
-    assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == S
-    assert model.config.rope_parameters["partial_rotary_factor"] == 0.25
+    params = rope.rope_parameters(model.config)  # Gemma 3: the full-attention layers' rope
+    assert params["rope_type"] == "linear" and params["factor"] == S
+    base = rope.rope_parameters(make_config(family))
+    assert params.get("partial_rotary_factor") == base.get("partial_rotary_factor")
+    if family == "gemma3":  # the sliding layers keep their local rope, unscaled
+        assert rope.layer_rope_parameters(model.config)["sliding_attention"] == rope.layer_rope_parameters(make_config(family))["sliding_attention"]
     assert model.config.max_position_embeddings == S * L
     rope.verify(model, rope.resolve(model.config))
     described = info.describe(loading.read_config(loading.Source.of(str(saved))))
     assert (described["base_window"], described["factor"], described["context_length"]) == (L, S, S * L)
+
+
+def test_finetune_refuses_a_rope_the_family_cannot_save_before_training(checkpoints, tmp_path, capsys):
+    """Phi-3's config accepts only longrope: a PI checkpoint could not be saved or loaded, so the run
+    stops in its checks (before, it trained and then failed at the first save)."""
+    from test_finetune_run import tiny_args
+
+    from pieval.cli import main
+
+    out = tmp_path / "run"
+    argv = tiny_args(checkpoints("phi3"), out, "--max-steps", "2")
+    argv[argv.index("--scaling-factor") + 1] = str(S)
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "Phi3Config (model_type phi3) rejects the rope settings a --method pi checkpoint is saved with" in line
+    assert "must be one of ['longrope'], got linear" in line and "nothing was trained" in line
+    assert not any(out.glob("checkpoint-*"))
 
 
 def test_passkey_and_govreport_run_on_qwen3(tmp_path, heldout_dir):

@@ -26,6 +26,19 @@ def _random_llama(vocab=32000):
     return LlamaForCausalLM(cfg).float()
 
 
+def _random_gemma2(vocab=2048):
+    """Gemma 2: soft-capped logits (30 tanh(x/30)), which the chunked loss must apply as the forward does."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16, query_pre_attn_scalar=8,
+        final_logit_softcapping=3.0, attn_implementation="eager",
+    )  # fmt: skip  # a small cap, so tanh is far from linear on these logits
+    return Gemma2ForCausalLM(cfg).float()
+
+
 def _toy():
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +71,7 @@ def _loss_and_grads(model, batch, name):
     return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("build", [_toy, _random_llama], ids=["toy", "llama-v32000"])
+@pytest.mark.parametrize("build", [_toy, _random_llama, _random_gemma2], ids=["toy", "llama-v32000", "gemma2-softcap"])
 @pytest.mark.parametrize("prompt", [0, 30], ids=["lm", "govreport-mask"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full-ft", "lora"])
 def test_chunked_loss_and_gradients_equal_the_full_logit_loss(build, prompt, lora):
@@ -109,9 +122,14 @@ def test_only_the_full_loss_allocates_a_sequence_by_vocab_tensor(name):
 
 def test_heads_with_extras_are_refused_naming_loss_full():
     model = _toy()
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(UserError, match=r"final_logit_softcapping.*--loss full"):
+    model.config.logit_scale = 0.5  # Cohere's: not applied by the chunked loss
+    with pytest.raises(UserError, match=r"applies logit_scale to its logits, which --loss chunked does not: use --loss full"):
         L.summed_nll(model, _batch(model.config.vocab_size), "chunked")
+    model.config.logit_scale = None
+    model.config.final_logit_softcapping = 30.0  # applied by chunked, not by Liger's kernel
+    L._refuse_head_extras(model, softcapping=True)
+    with pytest.raises(UserError, match=r"applies final_logit_softcapping to its logits, which --loss liger does not: use --loss full"):
+        L._refuse_head_extras(model, softcapping=False)  # liger_nll's check, reached once Liger-Kernel imports
 
 
 def test_liger_matches_the_full_logit_loss_or_says_how_to_get_it():

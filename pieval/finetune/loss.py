@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pieval.errors import UserError
 from pieval.finetune.config import DEFAULT_CHUNK
+from pieval.perplexity import head_logits
 
 
 def full_nll(model, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -27,18 +28,21 @@ def full_nll(model, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK) 
     )
 
 
-def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
+def _chunk_nll(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # the head as the model's own forward applies it (Gemma's soft-capping), the same function
+    # sliding-window perplexity scores with
+    return torch.nn.functional.cross_entropy(head_logits(model, hidden).float(), labels, ignore_index=-100, reduction="sum")
 
 
 def chunked_nll(model, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """The same sum as `full_nll`, with at most ``chunk`` x V logits alive at any time."""
-    hidden, labels = _final_hidden(model, batch)
-    head = _head(model)
+    hidden, labels = _final_hidden(model, batch, softcapping=True)
+    _head(model)  # a model without an output head: one line naming --loss full
+    inner = _unwrap(model)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start : start + chunk], labels[start : start + chunk]
-        total = total + checkpoint(_chunk_nll, head, h, y, use_reentrant=False)
+        total = total + checkpoint(_chunk_nll, inner, h, y, use_reentrant=False)
     return total
 
 
@@ -48,7 +52,7 @@ def liger_nll(model, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         raise UserError("--loss liger needs Liger-Kernel: pip install liger-kernel (or pip install 'pieval[liger]'), or use --loss chunked") from None
-    hidden, labels = _final_hidden(model, batch)
+    hidden, labels = _final_hidden(model, batch, softcapping=False)
     if hidden.device.type != "cuda":
         raise UserError(f"--loss liger runs only on CUDA GPUs (this run is on {hidden.device.type}): use --loss chunked")
     head = _head(model)
@@ -64,9 +68,9 @@ def summed_nll(model, batch: dict[str, torch.Tensor], loss: str = "chunked", chu
     return LOSSES[loss](model, batch, chunk)
 
 
-def _final_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _final_hidden(model, batch: dict[str, torch.Tensor], softcapping: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states of positions 0..L'-2 as rows, their next-token labels), via the root module."""
-    _refuse_head_extras(model)
+    _refuse_head_extras(model, softcapping)
     ids = batch["input_ids"]
     out = model(
         input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False,
@@ -92,10 +96,13 @@ def _head(model) -> torch.nn.Module:
     return head
 
 
-def _refuse_head_extras(model) -> None:
-    """Heads that do more than a linear layer (Gemma 2's soft-capping, Cohere's logit_scale)."""
+def _refuse_head_extras(model, softcapping: bool) -> None:
+    """Heads that do more than a linear layer the loss can apply: Cohere's logit_scale always, and
+    Gemma's soft-capping for Liger's fused kernel (the chunked loss applies it)."""
     inner = _unwrap(model)
     cfg = inner.config
-    extras = [a for a in ("final_logit_softcapping", "logit_scale", "logit_scaling") if getattr(cfg, a, None) not in (None, 1, 1.0)]
+    names = ("logit_scale", "logit_scaling") + (() if softcapping else ("final_logit_softcapping",))
+    extras = [a for a in names if getattr(cfg, a, None) not in (None, 1, 1.0)]
     if extras:
-        raise UserError(f"{type(inner).__name__} applies {', '.join(extras)} to its logits, which --loss chunked/liger does not: use --loss full")
+        kind = "--loss chunked" if softcapping else "--loss liger"
+        raise UserError(f"{type(inner).__name__} applies {', '.join(extras)} to its logits, which {kind} does not: use --loss full")

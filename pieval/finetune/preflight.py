@@ -52,11 +52,39 @@ def check_model(config: FinetuneConfig) -> Plan:
     tokenizer = loading.load_tokenizer(source)
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of {config.model} has no EOS token, which separates packed documents")
+    valid_before = _validation_error(hf_config) is None
     if config.method == "pi":
         rope.apply(hf_config, spec)
     else:  # direct fine-tuning: positions as trained, the window just gets longer (L stays in the facts)
         hf_config.max_position_embeddings = spec.context_length
+    problem = _validation_error(hf_config) if valid_before else None
+    if problem:
+        raise UserError(
+            f"{type(hf_config).__name__} (model_type {hf_config.model_type}) rejects the rope settings a "
+            f"--method {config.method} checkpoint is saved with ({problem}), so transformers could neither "
+            "save nor load it; nothing was trained. Evaluate the extension without fine-tuning "
+            "(lm_eval --model pi_llama ... scaling_factor=S), or fine-tune with --method direct"
+        )
     return Plan(source, hf_config, tokenizer, spec)
+
+
+def _validation_error(hf_config) -> str | None:
+    """What transformers' own config validation (run by save_pretrained) says, or None.
+
+    Checked before training, because a rope the family's config class rejects (Phi-3 accepts
+    only longrope) would otherwise fail at the first checkpoint, after the steps it took.
+    """
+    validate = getattr(hf_config, "validate", None)
+    if not callable(validate):
+        return None
+    from huggingface_hub.errors import StrictDataclassError  # what transformers' validators raise
+
+    try:
+        validate()
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        return lines[-1] if lines else type(e).__name__
+    return None
 
 
 def local_data(config: FinetuneConfig) -> Path | None:

@@ -58,7 +58,12 @@ def _add(board: Leaderboard, table: tables.Table, cells: list[tables.Cell], refs
         by_part.setdefault(part, []).append(keyed)
     for part in sorted(set(by_part) | set(refs)):
         mine, ref = by_part.get(part, []), refs.get(part)
-        value_columns = list(table.metric_columns) if table.metric_columns is not None else _windows(mine, ref)
+        if table.metric_columns is not None:
+            value_columns = list(table.metric_columns)
+        elif table.column_order is not None:
+            value_columns = table.column_order(mine)
+        else:
+            value_columns = _windows(mine, ref)
         frame = tables.assemble(mine, table.key_columns, value_columns, board.problems)
         if ref is not None and ref.records:
             ref_frame = pd.DataFrame.from_records(ref.records, columns=tables.columns(table.key_columns, value_columns))

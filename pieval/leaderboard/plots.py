@@ -149,6 +149,59 @@ def ppl_vs_steps(frame: pd.DataFrame, metric_columns: list[str], part: str, out_
     return save(fig, out_dir, "ppl_vs_steps")
 
 
+def methods(board: Leaderboard, table: tables.Table, out_dir: Path) -> list[Path]:
+    """One figure per benchmark: perplexity vs window per method (left), passkey k_max per method (right)."""
+    paths = []
+    for _, stem in board.files_of(table):
+        frame = _measured(board.tables[stem])
+        windows = [c for c in board.metric_columns[stem] if c.isdigit()]
+        for benchmark, rows in frame.groupby(frame["benchmark"].fillna("passkey"), sort=True):
+            paths += _methods_figure(rows, windows, str(benchmark), out_dir)
+    return paths
+
+
+def _methods_figure(rows: pd.DataFrame, windows: list[str], benchmark: str, out_dir: Path) -> list[Path]:
+    one_model = rows["model"].nunique() == 1
+    labels = [row["method"] if one_model else f"{row['model']} {row['method']}" for _, row in rows.iterrows()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    drawn = False
+    for label, (_, row) in zip(labels, rows.iterrows()):
+        xs = [int(w) for w in windows if tables.is_number(row.get(w))]
+        context = int(row["L'"])
+        if xs:
+            left.plot(xs, [float(row[str(w)]) for w in xs], marker="o", label=f"{label} (L'={context})")
+            drawn = True
+    for L in sorted(set(rows["L"])):
+        left.axvline(L, color="k", linestyle="--", linewidth=0.8)
+    if drawn:
+        left.set_xscale("log", base=2)
+        left.set_xticks([int(w) for w in windows], windows)
+        _log_y(left)
+        left.legend(fontsize=7)
+    left.set_xlabel(WINDOW_LABEL + ", L dashed")
+    left.set_ylabel(PPL_LABEL)
+    left.set_title(f"{benchmark}: perplexity vs window, no fine-tuning")
+    has_kmax = "k_max" in rows and rows["k_max"].map(tables.is_number).any()
+    if has_kmax:
+        xs = np.arange(len(rows))
+        tested = rows["k_tested"] if "k_tested" in rows else rows["length"]
+        right.bar(xs, tested.astype(float), color="none", edgecolor="grey", label="farthest distance tested")
+        right.bar(xs, rows["k_max"].astype(float), label="k_max")
+        right.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+        if "acc" in rows:  # k_max is 0 as soon as the nearest distance misses: the success rate tells more
+            for x, acc in zip(xs, rows["acc"]):
+                if tables.is_number(acc):
+                    right.annotate(f"acc {float(acc):.2f}", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+        right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
+        lengths = sorted({int(v) for v in rows["length"] if tables.is_number(v)})
+        right.set_title(f"passkey k_max at length {', '.join(map(str, lengths))}")
+    else:
+        right.set_title("no passkey results")
+    right.set_ylabel(KMAX_LABEL)
+    fig.tight_layout()
+    return save(fig, out_dir, f"methods_{_slug(benchmark)}")
+
+
 def _run_label(rid: provenance.RowId) -> str:
     return f"{rid.model} {rid.method}" + (f" {rid.steps} steps" if rid.steps else "")
 

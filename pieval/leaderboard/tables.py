@@ -134,6 +134,51 @@ def ppl_vs_steps(ppl_cells: list[Cell]) -> list[Cell]:
     ]
 
 
+# The method comparison (`pieval compare`): after the perplexity windows, how much perplexity
+# grew from W = L to the largest window, then passkey at the longest length the run tested.
+PPL_GROWTH = "ppl_growth"
+COMPARISON_PASSKEY = ("length", "k_max", "k_tested", "acc")
+
+
+def method_comparison(ppl_cells: list[Cell], passkey_cells: list[Cell]) -> list[Cell]:
+    """Every model that was not fine-tuned (as saved, or a rope method at its L'), one row per benchmark.
+
+    ``ppl_growth`` = perplexity at the row's largest window / at W = L: the paper's "direct
+    extrapolation explodes, PI stays finite" (Sec. 3.2) as one number per method. Passkey comes
+    from the longest length the run tested (compare runs it at L'), so the saved model's row,
+    whose L' is its own L, still shows retrieval at the target length.
+    """
+    ppl = [c for c in ppl_cells if c.rid.steps == 0]
+    windows: dict[tuple, dict[int, Cell]] = {}
+    for c in ppl:
+        windows.setdefault((c.rid, c.key), {})[int(c.column)] = c
+    out = list(ppl)
+    for (rid, key), by_w in windows.items():
+        top = max(by_w)
+        if rid.L in by_w and top > rid.L and by_w[rid.L].value > 0:
+            c = by_w[top]
+            out.append(Cell(rid, key, PPL_GROWTH, c.value / by_w[rid.L].value, c.date, c.prov))
+    benchmarks: dict[provenance.RowId, set[tuple]] = {}
+    for rid, key in windows:
+        benchmarks.setdefault(rid, set()).add(key)
+    passkey = [c for c in passkey_cells if c.rid.steps == 0]
+    longest = {c.rid: c.key[0] for c in sorted(passkey, key=lambda c: c.key[0])}
+    for c in passkey:
+        if c.key[0] != longest[c.rid]:
+            continue
+        for key in sorted(benchmarks.get(c.rid, {(None,)}), key=str):  # a run without perplexity: one row
+            if c.column == "k_max":
+                out.append(Cell(c.rid, key, "length", float(c.key[0]), c.date, c.prov))
+            out.append(Cell(c.rid, key, c.column, c.value, c.date, c.prov))
+    return out
+
+
+def comparison_columns(cells: list[Cell]) -> list[str]:
+    names = {c.column for c in cells}
+    windows = sorted(int(n) for n in names if n.isdigit())
+    return [*map(str, windows), *(n for n in (PPL_GROWTH, *COMPARISON_PASSKEY) if n in names)]
+
+
 @dataclass(frozen=True)
 class Table:
     """One leaderboard table: the tasks it takes, its cells and their provenance, the paper's rows, its plots.
@@ -149,8 +194,9 @@ class Table:
     takes: Callable[[ResultsFile, str], bool] | None = None  # is this task's result one of this table's?
     cells: Callable[[ResultsFile, str, dict], list[Cell]] | None = None  # (file, task, provenance) -> cells
     fields: Callable[[ResultsFile, str], dict] | None = None  # the task's data provenance (provenance.py)
-    of: str | None = None  # a table that takes tasks, whose cells ``derive`` turns into this one's
-    derive: Callable[[list[Cell]], list[Cell]] | None = None
+    of: tuple[str, ...] | None = None  # tables that take tasks, whose cells ``derive`` turns into this one's
+    derive: Callable[..., list[Cell]] | None = None  # (cells of each table in ``of``) -> this table's cells
+    column_order: Callable[[list[Cell]], list[str]] | None = None  # metric columns when not fixed; default: windows
     per_dataset: bool = False  # one file per dataset: the first element of each cell's key
     reference: Callable[[], dict[str, reference.Rows]] | None = None  # the paper's rows by dataset (reference.WHOLE)
     plots: tuple[str, ...] = ()  # functions of pieval.leaderboard.plots, named so matplotlib loads only for --plots
@@ -194,7 +240,7 @@ TABLES: tuple[Table, ...] = (
         "ppl_vs_steps",
         key_columns=("benchmark", "window"),
         metric_columns=("ppl",),
-        of="ppl",
+        of=("ppl",),
         derive=ppl_vs_steps,
         reference=reference.ppl_vs_steps,
         plots=("ppl_vs_steps",),
@@ -224,6 +270,14 @@ TABLES: tuple[Table, ...] = (
         cells=accuracy_cells(ORIGINAL_WINDOW_TASK_COLUMN),
         fields=provenance.lmeval_task_fields,
         reference=reference.original_window,
+    ),
+    Table(  # no table of the paper: rope methods side by side without fine-tuning (`pieval compare`)
+        "methods",
+        key_columns=("benchmark",),
+        of=("ppl", "passkey"),
+        derive=method_comparison,
+        column_order=comparison_columns,
+        plots=("methods",),
     ),
 )
 BY_NAME = {t.name: t for t in TABLES}
@@ -261,19 +315,26 @@ def collect(files: Iterable[ResultsFile], problems: list[Problem]) -> dict[str, 
                 problems.append(Problem(rf.label, f"{e}; that row is not written"))
     for table in TABLES:
         if table.of is not None:
-            cells[table.name] = table.derive(cells[table.of])
+            cells[table.name] = table.derive(*(cells[name] for name in table.of))
     return cells
 
 
 def _merge_provenance(provs: dict[str, dict]) -> dict:
-    """One provenance per row; a field that differs between the row's cells lists each column's value."""
+    """One provenance per row; a field that differs between the row's cells lists its values, each
+    after the columns that have it (``256,512=a.json; 1024=b.json``)."""
     merged = {}
     for col in provenance.COLUMNS:
-        values = {label: p.get(col) for label, p in provs.items()}
-        if len({repr(v) for v in values.values()}) == 1:
-            merged[col] = next(iter(values.values()))
+        groups: dict[str, list[str]] = {}
+        for label, p in provs.items():
+            v = p.get(col)
+            groups.setdefault(repr(v), []).append(label)
+        if len(groups) == 1:
+            merged[col] = next(iter(provs.values())).get(col)
         else:
-            merged[col] = "; ".join(f"{label}={'' if v is None else v}" for label, v in values.items())
+            merged[col] = "; ".join(
+                f"{','.join(labels)}={'' if provs[labels[0]].get(col) is None else provs[labels[0]].get(col)}"
+                for labels in groups.values()
+            )
     return merged
 
 
