@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# MKL_CBWR=COMPATIBLE: MKL's fp32 kernels otherwise pick code paths by memory alignment on some
+# CPUs (seen on an AMD EPYC, 2026-12-02: two documents differed in the 10th digit between one
+# process and two), and "the same bits" needs the same kernels.
 ENV = {
-    **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    **os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
 }  # fmt: skip
 DOCS = 3  # odd: the second rank's share is padded by lm-eval (numpad), and the repeat must not count

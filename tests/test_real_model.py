@@ -97,7 +97,11 @@ def test_sliding_window_perplexity_equals_a_float64_brute_force(real_model_dir, 
     ids = pi_model.tokenizer(ruth, add_special_tokens=False).input_ids[:1536]
     expected, scored = brute_force_ppl(pi_model.model, ids, pi_model.tokenizer.bos_token_id, 1024, 512)
     assert got["scored_tokens_1024,none"] == scored == 1536  # 3 windows
-    assert got["token_ppl_1024,none"] == pytest.approx(expected, rel=1e-5)
+    # Both sides are fp32 forwards of 30 layers grouped differently (pieval's decoder + chunked head
+    # vs one full-logit call); only the log-softmax and sums are float64. The machines that ran this
+    # suite before agreed within 1e-5; an AMD EPYC gave 1.76e-5 (2026-12-02), every run alike and
+    # with MKL_CBWR=COMPATIBLE too, while the golden below still held to 1e-4.
+    assert got["token_ppl_1024,none"] == pytest.approx(expected, rel=5e-5)
     assert got["token_ppl_1024,none"] == pytest.approx(GOLDEN_RUTH_PPL, rel=1e-4)
 
 
