@@ -40,6 +40,34 @@ def test_lr_schedule_matches_the_paper():
     assert lr_factor(0, 20, 0.1) == 0.1 and lr_factor(20, 20, 0.1) == 1.0
 
 
+def test_cosine_decay_after_the_warm_up():
+    # --decay-steps: after the warm-up, a cosine from the peak to min_lr_ratio x peak, then flat there.
+    config = FinetuneConfig.build({**BASE, "lr": 1e-3, "warmup_steps": 5, "decay_steps": 100, "min_lr_ratio": 0.1})
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
+    sched = build_scheduler(opt, config)
+    lrs = []
+    for _ in range(131):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[5] == pytest.approx(1e-3)
+    assert lrs[55] == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way: the cosine's midpoint
+    assert lrs[105:] == pytest.approx([1e-4] * 26)
+    assert all(a > b for a, b in zip(lrs[5:105], lrs[6:106]))  # strictly falling during the decay
+    with pytest.raises(ConfigError, match=r"decay_steps must be >= 1 \(got 0\)"):
+        FinetuneConfig.build({**BASE, "decay_steps": 0})
+    with pytest.raises(ConfigError, match=r"min_lr_ratio must be in \[0, 1\] \(got 1.5\)"):
+        FinetuneConfig.build({**BASE, "min_lr_ratio": 1.5})
+
+
+def test_settings_added_later_keep_old_runs_resumable():
+    # a run.json written before decay_steps existed names the same run while it is unset
+    config = FinetuneConfig.build(BASE)
+    assert "decay_steps" not in run_identity(config) and "min_lr_ratio" not in run_identity(config)
+    decayed = FinetuneConfig.build({**BASE, "decay_steps": 100})
+    assert run_identity(decayed)["decay_steps"] == 100 and run_identity(decayed) != run_identity(config)
+
+
 def test_optimizer_hyper_parameters_are_the_papers():
     config = FinetuneConfig.build(BASE)
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)

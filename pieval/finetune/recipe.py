@@ -50,11 +50,15 @@ from pieval.locking import OutputLock
 # ---------------------------------------------------------------- the optimisation recipe
 
 
-def lr_factor(step: int, warmup_steps: int, warmup_start: float) -> float:
-    """Fraction of the peak lr used by optimizer step ``step`` (0-based): linear warm-up, then constant."""
-    if step >= warmup_steps:
+def lr_factor(step: int, warmup_steps: int, warmup_start: float, decay_steps: int | None = None, min_ratio: float = 0.1) -> float:
+    """Fraction of the peak lr used by optimizer step ``step`` (0-based): linear warm-up, then
+    constant, or a cosine from 1 to ``min_ratio`` over ``decay_steps`` and ``min_ratio`` after."""
+    if step < warmup_steps:
+        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
+    if decay_steps is None:
         return 1.0
-    return warmup_start + (1.0 - warmup_start) * step / warmup_steps
+    done = min(step - warmup_steps, decay_steps) / decay_steps
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def build_optimizer(params, config: FinetuneConfig) -> torch.optim.AdamW:
@@ -63,7 +67,7 @@ def build_optimizer(params, config: FinetuneConfig) -> torch.optim.AdamW:
 
 def build_scheduler(optimizer, config: FinetuneConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, config.warmup_start)
+        optimizer, lambda step: lr_factor(step, config.warmup_steps, config.warmup_start, config.decay_steps, config.min_lr_ratio)
     )
 
 
