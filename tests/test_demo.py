@@ -56,3 +56,17 @@ def test_side_by_side_steps_share_the_cores_and_a_failure_shows_its_log(tmp_path
         run_together([(ok, tmp_path / "ok.log"), (bad, tmp_path / "bad.log")])
     threads = int((tmp_path / "ok.log").read_text().split()[1])
     assert threads == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_the_demo_runs_the_committed_recipe_as_documented():
+    # The demo passes its batch to `pieval finetune` over the recipe file's; the two must agree,
+    # or the recipe users copy (models/recipes/kjv_tiny_cpu.yaml) is not the one the demo measured.
+    import yaml
+
+    from pieval.demo import DemoPlan
+
+    recipe = yaml.safe_load((REPO / "models/recipes/kjv_tiny_cpu.yaml").read_text())
+    plan = DemoPlan()
+    assert plan.finetune_batch == recipe["global_batch"] == recipe["micro_batch"]
+    assert plan.finetune_steps == recipe["max_steps"] == recipe["warmup_steps"] + recipe["decay_steps"]
+    assert plan.passkey_trials == 10 and plan.passkey_distances == 32  # the paper's protocol

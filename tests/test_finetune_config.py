@@ -22,16 +22,21 @@ def parse(argv: list[str]) -> FinetuneConfig:
     return config_from_args(parser.parse_args(argv))
 
 
-def test_lr_schedule_matches_the_paper():
-    # Sec. 3.1: peak 2e-5, linear warm-up over 20 steps starting from 10% of the peak, then constant.
-    config = FinetuneConfig.build(BASE)
+def _lrs(config: FinetuneConfig, steps: int) -> list[float]:
+    """The lr of each of the first `steps` optimizer steps, as the training loop drives them."""
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
     sched = build_scheduler(opt, config)
     lrs = []
-    for _ in range(501):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_lr_schedule_matches_the_paper():
+    # Sec. 3.1: peak 2e-5, linear warm-up over 20 steps starting from 10% of the peak, then constant.
+    lrs = _lrs(FinetuneConfig.build(BASE), 501)
     expected = {0: 2e-6, 1: 2e-6 + 1.8e-5 / 20, 19: 2e-6 + 1.8e-5 * 19 / 20, 20: 2e-5, 500: 2e-5}
     for step, lr in expected.items():
         assert lrs[step] == pytest.approx(lr, rel=1e-12), step
@@ -42,14 +47,7 @@ def test_lr_schedule_matches_the_paper():
 
 def test_cosine_decay_after_the_warm_up():
     # --decay-steps: after the warm-up, a cosine from the peak to min_lr_ratio x peak, then flat there.
-    config = FinetuneConfig.build({**BASE, "lr": 1e-3, "warmup_steps": 5, "decay_steps": 100, "min_lr_ratio": 0.1})
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
-    sched = build_scheduler(opt, config)
-    lrs = []
-    for _ in range(131):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lrs(FinetuneConfig.build({**BASE, "lr": 1e-3, "warmup_steps": 5, "decay_steps": 100, "min_lr_ratio": 0.1}), 131)
     assert lrs[0] == pytest.approx(1e-4) and lrs[5] == pytest.approx(1e-3)
     assert lrs[55] == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way: the cosine's midpoint
     assert lrs[105:] == pytest.approx([1e-4] * 26)
