@@ -50,6 +50,8 @@ from pieval.locking import OutputLock
 # ---------------------------------------------------------------- the optimisation recipe
 
 
+# Written here rather than taken from transformers.get_cosine_with_min_lr_schedule_with_warmup:
+# transformers' warm-ups start from 0, the paper's from 10% of the peak (warmup_start).
 def lr_factor(step: int, warmup_steps: int, warmup_start: float, decay_steps: int | None = None, min_ratio: float = 0.1) -> float:
     """Fraction of the peak lr used by optimizer step ``step`` (0-based): linear warm-up, then
     constant, or a cosine from 1 to ``min_ratio`` over ``decay_steps`` and ``min_ratio`` after."""
