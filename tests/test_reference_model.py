@@ -203,3 +203,80 @@ def test_position_scales_run_the_step_as_transformers_linear_rope():
     ids = torch.randint(3, 2048, (1, 200), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, linear(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_multi_recall_asks_every_fact_it_states():
+    """make_finetune_mix's ``multi_recall``: several facts in background text, then a question
+    about each, answered with the value stated for that key (so one document of L' tokens
+    carries an answer per fact, at distances spread over the window)."""
+    import importlib.util
+
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.spec_from_file_location("kjv_train_multi", REF_MODEL / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+    tok = PreTrainedTokenizerFast.from_pretrained(REF_MODEL)
+    books = [tok.encode(b, add_special_tokens=False) for b in train.load_books(REPO / train.Recipe().corpus)[:3]]
+    mixture = train.Mixture(books, tok)
+    asked_counts = []
+    for seed in range(5):
+        ids = mixture.multi_recall(random.Random(seed), 1023)
+        assert len(ids) == 1023
+        text = tok.decode(ids)
+        stated = {}
+        for template, _ in train.OPEN_TEMPLATES:
+            pattern = re.escape(template)
+            for slot, group in (("k", r"[a-z]+(?: [a-z]+){0,2}"), ("v", r"\d+")):
+                pattern = pattern.replace(rf"\{{{slot}\}}", f"(?P<{slot}>{group})", 1).replace(rf"\{{{slot}\}}", f"(?P={slot})")
+            stated.update({m["k"]: m["v"] for m in re.finditer(pattern, text)})
+        answers = re.findall(r"(?:What is|Now tell me|Which is) the ([a-z ]+?)[?.] The \1 is (\d+)\.", text)
+        assert len(answers) >= 4
+        for key, value in answers:
+            assert stated.get(key) == value, (seed, key, value)
+        assert text.rstrip().endswith(f"The {answers[-1][0]} is {answers[-1][1]}.")
+        asked_counts.append(len(answers))
+    assert max(asked_counts) > min(asked_counts)  # 4-8 facts, not a fixed number
+
+
+def test_far_repeat_copies_every_segment_at_the_end():
+    """``far_repeat``: 2-4 short segments among background text, then each of them again."""
+    import importlib.util
+
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.spec_from_file_location("kjv_train_far", REF_MODEL / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+    tok = PreTrainedTokenizerFast.from_pretrained(REF_MODEL)
+    books = [tok.encode(b, add_special_tokens=False) for b in train.load_books(REPO / train.Recipe().corpus)[:3]]
+    mixture = train.Mixture(books, tok)
+    for seed in range(5):
+        rng = random.Random(seed)
+        ids = mixture.far_repeat(rng, 1023)
+        assert len(ids) == 1023
+        # the same draw again, to know the segments: place_facts is the last thing far_repeat draws for
+        again = random.Random(seed)
+        digits = mixture.enc("0123456789")
+        segments = []
+        for _ in range(again.randint(2, 4)):
+            alphabet = digits if again.random() < 0.5 else again.sample(range(len(train.SPECIALS), mixture.vocab), again.randint(8, 64))
+            segments.append(mixture.enc(" ") + [again.choice(alphabet) for _ in range(again.randint(5, 16))])
+        tail = ids[-sum(map(len, segments)):]
+        assert sorted(map(tuple, segments)) == sorted(tuple(tail[i : i + len(s)]) for s, i in _offsets(segments, tail))
+        for seg in segments:  # stated once earlier, copied once at the end
+            head = ids[: -len(tail)]
+            assert any(head[i : i + len(seg)] == seg for i in range(len(head) - len(seg) + 1))
+
+
+def _offsets(segments, tail):
+    """Where each segment starts in the tail, matching segments greedily from the start."""
+    out, i, left = [], 0, list(segments)
+    while left:
+        seg = next(s for s in left if tail[i : i + len(s)] == s)
+        out.append((seg, i))
+        i += len(seg)
+        left.remove(seg)
+    return out

@@ -195,11 +195,20 @@ class Mixture:
 
     def open_recall(self, rng: random.Random, n: int) -> list[int]:
         """One to three facts whose keys are random KJV words, among prose or filler, then a question."""
+        return self.place_facts(rng, n, self.open_facts(rng, rng.randint(1, 3)))
+
+    def multi_recall(self, rng: random.Random, n: int) -> list[int]:
+        """Four to eight open_recall facts, then every one of them asked, in random order: a
+        document of L' tokens carries one answer per fact, at distances spread over the window,
+        where open_recall carries one (make_finetune_mix.py; the pre-training recipe never uses it)."""
+        return self.place_facts(rng, n, self.open_facts(rng, rng.randint(4, 8)), ask_all=True)
+
+    def open_facts(self, rng: random.Random, count: int) -> list[tuple[list[int], list[int]]]:
         if not hasattr(self, "words"):  # built on first use: earlier stages never pay for it
             text = self.tok.decode([t for b in self.books for t in b])
             self.words = sorted(set(re.findall(r"\b[a-z]{3,}\b", text)))
         facts, keys = [], set()
-        for _ in range(rng.randint(1, 3)):
+        for _ in range(count):
             key = " ".join(rng.choice(self.words) for _ in range(rng.randint(1, 3)))
             if key in keys:
                 continue
@@ -207,7 +216,7 @@ class Mixture:
             state, ask = rng.choice(OPEN_TEMPLATES)
             v = str(rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1))
             facts.append((self.enc(state.format(k=key, v=v)), self.enc(ask.format(k=key, v=v))))
-        return self.place_facts(rng, n, facts)
+        return facts
 
     def alphabet_repeat(self, rng: random.Random, n: int) -> list[int]:
         """A repeated segment over a small alphabet (often the digits): each token recurs with
@@ -221,6 +230,19 @@ class Mixture:
         while len(out) < n:
             out += seg
         return out[:n]
+
+    def far_repeat(self, rng: random.Random, n: int) -> list[int]:
+        """Two to four short segments over a small alphabet (often the digits) at random places in
+        background text, then all of them again in random order: copying a digit string with
+        repeated digits needs the longer prefix (alphabet_repeat) at distances up to the whole
+        window, where alphabet_repeat's copies sit at most n/2 back (make_finetune_mix.py only)."""
+        digits = self.enc("0123456789")
+        segments = []
+        for _ in range(rng.randint(2, 4)):
+            alphabet = digits if rng.random() < 0.5 else rng.sample(range(len(SPECIALS), self.vocab), rng.randint(8, 64))
+            segments.append(self.enc(" ") + [rng.choice(alphabet) for _ in range(rng.randint(5, 16))])
+        facts = [(seg, seg) for seg in segments]
+        return self.place_facts(rng, n, facts, ask_all=True)
 
     def passage_repeat(self, rng: random.Random, n: int) -> list[int]:
         passage = self.prose_span(rng, rng.randint(4, n // 3))
@@ -250,9 +272,13 @@ class Mixture:
             facts.append((self.enc(state.format(**slots)), self.enc(ask.format(**slots))))
         return self.place_facts(rng, n, facts)
 
-    def place_facts(self, rng: random.Random, n: int, facts: list[tuple[list[int], list[int]]]) -> list[int]:
-        """Statements at random places in background text, the question about one of them last."""
-        query = rng.choice(facts)[1]
+    def place_facts(self, rng: random.Random, n: int, facts: list[tuple[list[int], list[int]]], ask_all: bool = False) -> list[int]:
+        """Statements at random places in background text, the question about one of them last
+        (about each of them, in random order, with ``ask_all``)."""
+        if ask_all:
+            query = [t for _, ask in rng.sample(facts, len(facts)) for t in ask]
+        else:
+            query = rng.choice(facts)[1]
         room = n - len(query) - sum(len(s) for s, _ in facts)
         cuts = sorted(rng.randint(0, room) for _ in facts)
         out, prev = [], 0
