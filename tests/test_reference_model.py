@@ -209,17 +209,7 @@ def test_multi_recall_asks_every_fact_it_states():
     """make_finetune_mix's ``multi_recall``: several facts in background text, then a question
     about each, answered with the value stated for that key (so one document of L' tokens
     carries an answer per fact, at distances spread over the window)."""
-    import importlib.util
-
-    from transformers import PreTrainedTokenizerFast
-
-    spec = importlib.util.spec_from_file_location("kjv_train_multi", REF_MODEL / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = train
-    spec.loader.exec_module(train)
-    tok = PreTrainedTokenizerFast.from_pretrained(REF_MODEL)
-    books = [tok.encode(b, add_special_tokens=False) for b in train.load_books(REPO / train.Recipe().corpus)[:3]]
-    mixture = train.Mixture(books, tok)
+    train, tok, mixture = _mixture("kjv_train_multi")
     asked_counts = []
     for seed in range(5):
         ids = mixture.multi_recall(random.Random(seed), 1023)
@@ -242,17 +232,7 @@ def test_multi_recall_asks_every_fact_it_states():
 
 def test_far_repeat_copies_every_segment_at_the_end():
     """``far_repeat``: 2-4 short segments among background text, then each of them again."""
-    import importlib.util
-
-    from transformers import PreTrainedTokenizerFast
-
-    spec = importlib.util.spec_from_file_location("kjv_train_far", REF_MODEL / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = train
-    spec.loader.exec_module(train)
-    tok = PreTrainedTokenizerFast.from_pretrained(REF_MODEL)
-    books = [tok.encode(b, add_special_tokens=False) for b in train.load_books(REPO / train.Recipe().corpus)[:3]]
-    mixture = train.Mixture(books, tok)
+    train, tok, mixture = _mixture("kjv_train_far")
     for seed in range(5):
         rng = random.Random(seed)
         ids = mixture.far_repeat(rng, 1023)
@@ -280,3 +260,18 @@ def _offsets(segments, tail):
         i += len(seg)
         left.remove(seg)
     return out
+
+
+def _mixture(name: str):
+    """train.py as a module, the model's tokenizer, and a Mixture over the first 3 books."""
+    import importlib.util
+
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.spec_from_file_location(name, REF_MODEL / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+    tok = PreTrainedTokenizerFast.from_pretrained(REF_MODEL)
+    books = [tok.encode(b, add_special_tokens=False) for b in train.load_books(REPO / train.Recipe().corpus)[:3]]
+    return train, tok, train.Mixture(books, tok)
