@@ -21,6 +21,10 @@ The mixture (none of it uses the passkey prompt's wording):
 - ``open_recall``: facts about keys of 1-3 random KJV words ("The gather vine is 4821."), asked
   as "What is the gather vine? The gather vine is", so recall must match any preceding words.
 - ``prose``: plain KJV windows.
+
+Two more tasks exist for the fine-tuning mix only (make_finetune_mix.py --mix; no pre-training
+stage uses them): ``multi_recall`` (4-8 open_recall facts, every one asked) and ``far_repeat``
+(short digit strings copied again at the end of the window).
 """
 
 from __future__ import annotations
