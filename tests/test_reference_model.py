@@ -275,3 +275,14 @@ def _mixture(name: str):
     tok = PreTrainedTokenizerFast.from_pretrained(REF_MODEL)
     books = [tok.encode(b, add_special_tokens=False) for b in train.load_books(REPO / train.Recipe().corpus)[:3]]
     return train, tok, train.Mixture(books, tok)
+
+
+def test_capacity_trial_recipe_is_the_reference_recipe_with_6_layers():
+    """The capacity trial measures layers alone: same seed, data, curriculum and schedule."""
+    import dataclasses
+
+    train, _, _ = _mixture("kjv_train_capacity")
+    trial = train.Recipe.load(REPO / "models/kjv-llama-tiny-recall/capacity_6_layers.yaml")
+    reference = train.Recipe.load(REF_MODEL / "recipe.yaml")
+    assert (trial.num_layers, reference.num_layers) == (6, 4)
+    assert dataclasses.replace(trial, num_layers=4) == reference
