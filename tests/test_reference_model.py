@@ -178,14 +178,9 @@ def test_finetune_mix_is_remade_byte_for_byte(tmp_path):
 def test_position_scales_run_the_step_as_transformers_linear_rope():
     """A recipe step at scale s (train.py's ``position_scales``) is the model under transformers'
     own linear rope with factor s, i.e. what PI feeds it; without scales every step is at s = 1."""
-    import importlib.util
-
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    spec = importlib.util.spec_from_file_location("kjv_train_scales", REF_MODEL / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = train
-    spec.loader.exec_module(train)
+    train = _train_module("kjv_train_scales")
     recipe = train.Recipe.load(REPO / "models/kjv-llama-tiny-recall/recipe.yaml")
     stage = recipe.stages[0]
     scales = [train.position_scale(recipe, stage, step) for step in range(60)]
@@ -262,16 +257,22 @@ def _offsets(segments, tail):
     return out
 
 
-def _mixture(name: str):
-    """train.py as a module, the model's tokenizer, and a Mixture over the first 3 books."""
+def _train_module(name: str):
+    """The reference model's train.py (a script, not a package module) imported as ``name``."""
     import importlib.util
-
-    from transformers import PreTrainedTokenizerFast
 
     spec = importlib.util.spec_from_file_location(name, REF_MODEL / "train.py")
     train = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = train
     spec.loader.exec_module(train)
+    return train
+
+
+def _mixture(name: str):
+    """train.py as a module, the model's tokenizer, and a Mixture over the first 3 books."""
+    from transformers import PreTrainedTokenizerFast
+
+    train = _train_module(name)
     tok = PreTrainedTokenizerFast.from_pretrained(REF_MODEL)
     books = [tok.encode(b, add_special_tokens=False) for b in train.load_books(REPO / train.Recipe().corpus)[:3]]
     return train, tok, train.Mixture(books, tok)
@@ -281,7 +282,7 @@ def test_capacity_trial_recipe_is_the_reference_recipe_with_6_layers():
     """The capacity trial measures layers alone: same seed, data, curriculum and schedule."""
     import dataclasses
 
-    train, _, _ = _mixture("kjv_train_capacity")
+    train = _train_module("kjv_train_capacity")
     trial = train.Recipe.load(REPO / "models/kjv-llama-tiny-recall/capacity_6_layers.yaml")
     reference = train.Recipe.load(REF_MODEL / "recipe.yaml")
     assert (trial.num_layers, reference.num_layers) == (6, 4)
