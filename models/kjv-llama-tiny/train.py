@@ -90,6 +90,8 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         data = yaml.safe_load(Path(path).read_text())
+        if "extends" in data:  # a trial: another recipe (repo-relative) with the keys given here replaced
+            data = yaml.safe_load((REPO / data.pop("extends")).read_text()) | data
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown recipe keys {sorted(unknown)} in {path}")
