@@ -13,14 +13,13 @@ import argparse
 import json
 import re
 import shlex
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pieval import loading, protocol, rope
 from pieval.errors import UserError
+from pieval.steps import run_together
 
 PROG = "pieval compare"
 SAVED = "none"  # the checkpoint as saved, run at max_length = L' (direct extrapolation)
@@ -257,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         if reusable(step, plan):
             print(f"  reused: {_latest_results(step.output)}", flush=True)
             continue
-        _run(cmd, step.log)
+        run_together([(cmd, step.log)], tail_lines=20)
     board_cmd = ["leaderboard", *(str(s.output) for s in plan.steps), "--out", str(plan.out)]
     board_cmd += ["--plots"] if plan.plots else []
     print(f"$ pieval {shlex.join(board_cmd)}", flush=True)
@@ -270,23 +269,6 @@ def run(args: argparse.Namespace) -> int:
         return code
     _print_table(plan.out / "methods.csv")
     return 0
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    """One lm_eval run; its output goes to ``log`` and is shown when it fails or is interrupted."""
-    start = time.time()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:  # the partial run leaves no results file, so a re-run redoes it
-            proc.terminate()
-            proc.wait()
-            raise
-    if code:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        raise UserError(f"lm_eval failed (exit {code}); its log is {log}:\n{tail}")
-    print(f"  done in {time.time() - start:.0f} s (log: {log})", flush=True)
 
 
 def _print_table(path: Path) -> None:

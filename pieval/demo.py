@@ -23,14 +23,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pieval.errors import UserError
+from pieval.steps import run_together as run_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,32 +117,10 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def run_together(steps: list[tuple[list[str], Path]]) -> None:
-    """Run independent steps at once, each on an equal share of the cores.
-
-    The two fine-tunes are single-sequence-wide CPU jobs that scale poorly past one or two
-    threads, so side by side they finish in about the time of one.
-    """
-    threads = max(1, (os.cpu_count() or 1) // len(steps))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if len(steps) > 1 else None
-    start = time.time()
-    procs = []
-    try:
-        for cmd, log in steps:
-            print("$", shlex.join(cmd), flush=True)
-            with log.open("w") as f:
-                procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env))
-        codes = [p.wait() for p in procs]
-    finally:  # an interrupted demo leaves no orphans; every step resumes on the next run
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-    for code, (_, log) in zip(codes, steps):
-        if code:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            raise SystemExit(f"step failed (exit {code}), see {log}:\n{tail}")
-    logs = ", ".join(str(log) for _, log in steps)
-    print(f"  done in {time.time() - start:.0f} s (log: {logs})", flush=True)
+    """Echo each step's command, then run them side by side from the checkout (`pieval.steps`)."""
+    for cmd, _ in steps:
+        print("$", shlex.join(cmd), flush=True)
+    run_steps(steps, cwd=REPO)
 
 
 def real_metadata(plan: RealPlan, passkey_length: int, trials: int, max_doc_tokens: int | None) -> dict:
@@ -265,4 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except UserError as e:  # a failed step: its log's tail, without a traceback
+        raise SystemExit(str(e)) from None

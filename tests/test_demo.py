@@ -49,10 +49,11 @@ def test_quick_demo_produces_every_step(tiny_llama_dir, tmp_path):
 
 def test_side_by_side_steps_share_the_cores_and_a_failure_shows_its_log(tmp_path):
     from pieval.demo import run_together
+    from pieval.errors import UserError
 
     ok = [sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])"]
     bad = [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
-    with pytest.raises(SystemExit, match=r"exit 3\), see .*bad\.log:\nboom"):
+    with pytest.raises(UserError, match=r"exit 3\), see .*bad\.log:\nboom"):
         run_together([(ok, tmp_path / "ok.log"), (bad, tmp_path / "bad.log")])
     threads = int((tmp_path / "ok.log").read_text().split()[1])
     assert threads == max(1, (os.cpu_count() or 1) // 2)
