@@ -48,10 +48,10 @@ class DemoPlan:
     passkey_trials: int = 10  # the paper's 10 per distance, so k_max (>= 20% at every distance) rests on 2 of 10 keys
     passkey_distances: int = 32  # the paper's 32 distances over (0, L']
     finetune_steps: int = 1000  # the paper's count
-    # 3 sequences of L' per step: the two fine-tunes side by side took 903 s of training on the
-    # 2-core CPU machine, ~1200 s at 4, which puts the demo over its 20-minute budget (4 reaches
-    # passkey k_max = L' on more seeds: models/kjv-llama-tiny/README.md has both measured)
-    finetune_batch: int = 3
+    # 4 sequences of L' per step (models/recipes/kjv_tiny_cpu.yaml says why): the demo took 13.2
+    # min on a 2-core Xeon with AVX-512; 3 per step fit a slower 2-core machine's 20 minutes but
+    # never reached passkey k_max = L' (models/kjv-llama-tiny/README.md has both measured)
+    finetune_batch: int = 4
     # step 0 (PI without fine-tuning; for FT the base model) and the end; each evaluation of the
     # pair costs ~75 s here, so the halfway point is left to `pieval finetune --eval-every`
     eval_every: int = 1000
