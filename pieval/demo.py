@@ -48,7 +48,7 @@ class DemoPlan:
     passkey_trials: int = 10  # the paper's 10 per distance, so k_max (>= 20% at every distance) rests on 2 of 10 keys
     passkey_distances: int = 32  # the paper's 32 distances over (0, L']
     finetune_steps: int = 1000  # the paper's count
-    # 4 sequences of L' per step (models/recipes/kjv_tiny_cpu.yaml says why): the demo took 13.2
+    # 4 sequences of L' per step (models/recipes/kjv_tiny_cpu.yaml says why): the demo took 12.7
     # min on a 2-core Xeon with AVX-512; 3 per step fit a slower 2-core machine's 20 minutes but
     # never reached passkey k_max = L' (models/kjv-llama-tiny/README.md has both measured)
     finetune_batch: int = 4
