@@ -13,7 +13,10 @@ exactly (the question follows the key, the task description precedes it), so eac
 the key as close to ``k_i`` as the fixed text allows and logs the distance it really got.
 ``k_max`` is reported in those real distances: the grid point's distance is the smallest
 distance its prompts really had (``achieved_distances``), so k_max never claims a distance no
-prompt had. ``k_tested`` is that distance for the last grid point, the farthest the run tested:
+prompt had. Grid points past the farthest reachable distance all land on it (at L' = 1024 with
+32 points, the last three on 945 tokens): they are one distance tested with all their keys, so
+k_max pools them rather than letting the first of them decide alone while the others' misses at
+the same distance go unread. ``k_tested`` is that distance for the last grid point, the farthest the run tested:
 a model that answers at every distance gets k_max = k_tested, a little under L' (the question and
 the answer's room follow the key).
 """
@@ -237,9 +240,9 @@ def process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any
 
 
 def aggregate_k_max(items: list[Mapping[str, Any]]) -> int:
-    """k_max in real token distances (0 when the nearest grid point already fails)."""
-    grid_k = k_max(success_rates((item["k"], item["correct"]) for item in items))
-    return achieved_distances((item["k"], item["k_tokens"]) for item in items)[grid_k] if grid_k else 0
+    """k_max in real token distances, grid points that reach the same one pooled (0 when the nearest fails)."""
+    reached = achieved_distances((item["k"], item["k_tokens"]) for item in items)
+    return k_max(success_rates((reached[item["k"]], item["correct"]) for item in items))
 
 
 def aggregate_k_tested(items: list[Mapping[str, Any]]) -> int:

@@ -133,6 +133,24 @@ def test_k_max_from_trials_uses_success_rates_and_reports_the_real_distance():
     assert passkey.aggregate_k_max([{**item, "correct": False} for item in items]) == 0
 
 
+def test_k_max_pools_grid_points_that_reach_the_same_distance():
+    # grid points 24, 32 and 40 cannot be met (the question follows the key): all three put the
+    # key 21 tokens from the end, so they are one distance tested with 30 keys, 5 found (17%)
+    hits = {8: 10, 16: 10, 24: 3, 32: 1, 40: 1}
+    items = [
+        {"k": k, "k_tokens": min(k, 21), "correct": i < n} for k, n in hits.items() for i in range(10)
+    ]
+    assert passkey.aggregate_k_tested(items) == 21
+    assert passkey.aggregate_k_max(items) == 16  # the first of them alone (3 of 10) would say 21
+    # brute force over real distances: pool every key by the distance it really had
+    pooled: dict[int, list[bool]] = {}
+    for item in items:
+        pooled.setdefault(item["k_tokens"], []).append(item["correct"])
+    ok = [d for d in pooled if all(sum(v) / len(v) >= 0.2 for e, v in pooled.items() if e <= d)]
+    assert max(ok) == 16
+    assert passkey.aggregate_k_max([{**item, "correct": item["correct"] or item["k"] == 40} for item in items]) == 21
+
+
 def test_first_integer():
     assert passkey.first_integer(" 12345. Remember") == 12345
     assert passkey.first_integer(" is the 4th, 12345") == 4
