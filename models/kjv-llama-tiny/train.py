@@ -469,6 +469,11 @@ def train(r: Recipe, out: Path, max_steps: int | None = None, device: str = "cpu
                 rec["random_copy_loss"] = random_copy_loss(model, mixture.vocab, tok.bos_token_id)
                 rec["copy_loss_first"], rec["copy_loss_second"] = copy_losses(model, heldout, tok.bos_token_id)
                 rec["passkey_acc"] = passkey_accuracy(model, tok, r.window)
+                if stage.position_scales:  # the same probe at the stage's largest scale, as PI feeds it
+                    top = max(stage.position_scales)
+                    rotary.inv_freq.copy_(inv_freq / top)
+                    rec[f"passkey_acc_s{top:g}"] = passkey_accuracy(model, tok, r.window)
+                    rotary.inv_freq.copy_(inv_freq)
             records.append(rec)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
