@@ -287,3 +287,24 @@ def test_capacity_trial_recipe_is_the_reference_recipe_with_6_layers():
     reference = train.Recipe.load(REF_MODEL / "recipe.yaml")
     assert (trial.num_layers, reference.num_layers) == (6, 4)
     assert dataclasses.replace(trial, num_layers=4) == reference
+
+
+def test_scaled_recipe_probes_passkey_at_its_largest_scale_too(tmp_path):
+    """A recipe with position scales logs the passkey probe at its largest scale beside the one
+    at the model's own positions (attempt B's ``passkey_acc_s4``). On the committed weights,
+    after one step at warm-up lr, the two differ as PI at step 0 does: 0.95 at s = 1 on the
+    committed log's last probe, 0 under PI 4x in the demo's step-0 evaluation."""
+    import dataclasses
+
+    train = _train_module("kjv_train_probe_scaled")
+    recipe = dataclasses.replace(
+        train.Recipe.load(REPO / "models/kjv-llama-tiny-recall/recipe_b.yaml"), probe_every=1, log_every=1, threads=1
+    )
+    threads = torch.get_num_threads()
+    try:
+        (record,) = train.train(recipe, tmp_path, max_steps=1)
+    finally:
+        torch.set_num_threads(threads)  # train() sets the recipe's count for the whole process
+    assert record["step"] == 1 and record["position_scale"] in (1.0, 4.0)
+    assert record["passkey_acc"] >= 0.8, record
+    assert record["passkey_acc_s4"] <= 0.1, record
