@@ -289,6 +289,18 @@ def test_capacity_trial_recipe_is_the_reference_recipe_with_6_layers():
     assert dataclasses.replace(trial, num_layers=4) == reference
 
 
+def test_position_spread_trial_recipe_is_the_reference_recipe_with_scales_in_every_stage():
+    """Attempt E measures the spread of rotary scales alone: same seed, data, curriculum and schedule."""
+    import dataclasses
+
+    train = _train_module("kjv_train_spread")
+    trial = train.Recipe.load(REPO / "models/kjv-llama-tiny-recall/recipe_e.yaml")
+    reference = train.Recipe.load(REF_MODEL / "recipe.yaml")
+    assert all(st.position_scales == {1: 0.6, 2: 0.2, 4: 0.2} for st in trial.stages)
+    unscaled = [dataclasses.replace(st, position_scales=None) for st in trial.stages]
+    assert dataclasses.replace(trial, stages=unscaled) == reference
+
+
 def test_scaled_recipe_probes_passkey_at_its_largest_scale_too(tmp_path):
     """A recipe with position scales logs the passkey probe at its largest scale beside the one
     at the model's own positions (attempt B's ``passkey_acc_s4``). On the committed weights,
