@@ -301,6 +301,18 @@ def test_position_spread_trial_recipe_is_the_reference_recipe_with_scales_in_eve
     assert dataclasses.replace(trial, stages=unscaled) == reference
 
 
+def test_late_spread_trial_recipe_scales_only_the_stages_after_copying_formed():
+    """Attempt F is attempt E with the reference run's first 1500 steps (where copying forms) unscaled."""
+    import dataclasses
+
+    train = _train_module("kjv_train_late_spread")
+    trial = train.Recipe.load(REPO / "models/kjv-llama-tiny-recall/recipe_f.yaml")
+    spread = train.Recipe.load(REPO / "models/kjv-llama-tiny-recall/recipe_e.yaml")
+    assert [st.position_scales is None for st in trial.stages] == [st.until <= 1500 for st in trial.stages]
+    scaled = [dataclasses.replace(st, position_scales={1: 0.6, 2: 0.2, 4: 0.2}) for st in trial.stages]
+    assert dataclasses.replace(trial, stages=scaled) == spread
+
+
 def test_scaled_recipe_probes_passkey_at_its_largest_scale_too(tmp_path):
     """A recipe with position scales logs the passkey probe at its largest scale beside the one
     at the model's own positions (attempt B's ``passkey_acc_s4``). On the committed weights,
